@@ -1,0 +1,148 @@
+"""Concrete shapes for analysis, without fixing them in the output model.
+
+Detectors take any image size; the analysis still needs numbers (to map a Flatten back to
+channels, to count MACs). We pick a representative shape per input, infer every tensor's shape
+for it on a private copy, and leave the model's symbolic dims alone.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import shape_inference
+
+from ..errors import ConfigError
+
+Shape = tuple[int, ...]
+
+# A free spatial dim of an image input defaults to the usual detector resolution.
+DEFAULT_SPATIAL = 640
+
+
+def parse_input_shape(spec: str) -> tuple[str, Shape]:
+    """Parse ``name=1x3x640x640`` (also ``name=1,3,640,640``)."""
+    m = re.fullmatch(r"\s*([^=]+)=\s*(\d+(?:\s*[x,]\s*\d+)*)\s*", spec)
+    if not m:
+        raise ConfigError(f"bad --input-shape {spec!r}: expected NAME=1x3x640x640")
+    dims = tuple(int(d) for d in re.split(r"\s*[x,]\s*", m.group(2)))
+    if any(d <= 0 for d in dims):
+        raise ConfigError(f"bad --input-shape {spec!r}: dims must be positive")
+    return m.group(1).strip(), dims
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The real inputs: graph inputs that are not also initializers (old exports list weights there)."""
+    inits = {i.name for i in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def representative_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape] | None = None) -> dict[str, Shape]:
+    """A concrete shape for every real input: overrides first, then the declared dims, then defaults."""
+    overrides = dict(overrides or {})
+    result: dict[str, Shape] = {}
+    inputs = graph_inputs(model)
+    names = {i.name for i in inputs}
+    unknown = set(overrides) - names
+    if unknown:
+        raise ConfigError(f"--input-shape names unknown input(s) {sorted(unknown)}; model inputs: {sorted(names)}")
+    for inp in inputs:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name in overrides:
+            shape = overrides[inp.name]
+            if len(dims) and len(shape) != len(dims):
+                raise ConfigError(f"--input-shape {inp.name} has rank {len(shape)}, the model expects rank {len(dims)}")
+            for i, (d, s) in enumerate(zip(dims, shape)):
+                if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != s:
+                    raise ConfigError(f"--input-shape {inp.name}: dim {i} is fixed to {d.dim_value} in the model, got {s}")
+            result[inp.name] = tuple(shape)
+            continue
+        shape = []
+        for i, d in enumerate(dims):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(d.dim_value)
+            elif i == 0:
+                shape.append(1)
+            else:
+                shape.append(DEFAULT_SPATIAL)
+        result[inp.name] = tuple(shape)
+    return result
+
+
+def _fix_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    del fixed.graph.value_info[:]
+    for inp in fixed.graph.input:
+        if inp.name in shapes:
+            tt = inp.type.tensor_type
+            tt.shape.Clear()
+            for d in shapes[inp.name]:
+                tt.shape.dim.add().dim_value = d
+    return fixed
+
+
+def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Shape of every tensor for the given input shapes (ONNX inference, ORT run for what it leaves open)."""
+    fixed = _fix_inputs(model, input_shapes)
+    try:
+        inferred = shape_inference.infer_shapes(fixed, data_prop=True)
+    except Exception:  # inference is best effort; ORT below fills the gaps
+        inferred = fixed
+    shapes: dict[str, Shape] = {}
+    elem_types: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        tt = vi.type.tensor_type
+        elem_types[vi.name] = tt.elem_type
+        if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+            shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+    missing = [o for n in model.graph.node for o in n.output if o and o not in shapes]
+    if missing:
+        shapes.update(_shapes_by_running(fixed, missing, elem_types, input_shapes))
+    return shapes
+
+
+def _shapes_by_running(model: onnx.ModelProto, names: list[str], elem_types: Mapping[str, int],
+                       input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception:
+        return {}
+    feeds = random_inputs(sess, input_shapes, np.random.default_rng(0))
+    outs = sess.run(None, feeds)
+    return {o.name: tuple(np.asarray(v).shape) for o, v in zip(sess.get_outputs(), outs) if o.name in set(names)}
+
+
+_ORT_TO_NUMPY = {
+    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8, "tensor(bool)": np.bool_,
+}
+
+
+def random_inputs(session: ort.InferenceSession, input_shapes: Mapping[str, Shape],
+                  rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random feeds for a session, one per input, in the given shapes."""
+    feeds = {}
+    for inp in session.get_inputs():
+        dtype = _ORT_TO_NUMPY.get(inp.type, np.float32)
+        shape = input_shapes.get(inp.name) or tuple(d if isinstance(d, int) else 1 for d in inp.shape)
+        if np.issubdtype(dtype, np.floating):
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feeds[inp.name] = rng.integers(0, 2, size=shape).astype(dtype)
+    return feeds

@@ -1,0 +1,59 @@
+"""Bring an exported graph into the canonical form the channel analysis expects.
+
+Exporters hide weights behind Constant nodes or Identity chains (RetinaFace's Conv weights
+arrive through Identity), list initializers as graph inputs, or leave nodes unnamed. The
+analysis wants every weight as an initializer read directly by its consumer and every node
+named (users exclude layers by name), so normalise that here, with onnx-ir's own passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    IdentityEliminationPass,
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    RemoveInitializersFromInputsPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
+
+
+@dataclass
+class CleanupRecord:
+    identity_removed: int = 0
+    constants_lifted: int = 0
+    passes: list[str] = field(default_factory=list)
+
+
+def cleanup(model: ir.Model) -> tuple[ir.Model, CleanupRecord]:
+    """Return a cleaned copy of ``model`` and what changed."""
+    model = ir.from_proto(ir.to_proto(model))
+    record = CleanupRecord()
+    before_identity = _count(model, "Identity")
+    before_const = _count(model, "Constant")
+    passes = [
+        NameFixPass(),
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        IdentityEliminationPass(),
+        RemoveUnusedNodesPass(),
+        TopologicalSortPass(),
+    ]
+    if model.ir_version >= 4:
+        # Since IR v4 initializers need not be inputs; exporters that still list them make
+        # weights look like runtime inputs, which would hide them from the analysis.
+        passes.insert(1, RemoveInitializersFromInputsPass())
+    for p in passes:
+        result = p(model)
+        model = result.model
+        if result.modified:
+            record.passes.append(type(p).__name__)
+    record.identity_removed = before_identity - _count(model, "Identity")
+    record.constants_lifted = before_const - _count(model, "Constant")
+    return model, record
+
+
+def _count(model: ir.Model, op_type: str) -> int:
+    return sum(1 for n in model.graph if n.op_type == op_type)
