@@ -20,3 +20,10 @@ class ConfigError(OnnxPruneError):
 
 class NothingToPruneError(OnnxPruneError):
     """The model has no channel group that can be pruned (all blocked or excluded)."""
+
+
+class VerificationError(OnnxPruneError):
+    """A rewritten model failed a check it must pass (checker, ORT run, unchanged interface).
+
+    This is a bug in onnxprune, reported as a clear line rather than a broken output file.
+    """

@@ -104,8 +104,7 @@ def _fold_biases(graph, nodes, analysis: ChannelAnalysis, keep, arrays, record: 
             delta = W[:, p] @ c
         else:
             delta = c @ W[p, :]
-        bias_index = 2
-        bias = node.inputs[bias_index] if len(node.inputs) > bias_index else None
+        bias = graph.initializers[fold.bias] if fold.bias is not None else None
         if bias is None:
             dtype = arrays[fold.weight].dtype
             name = _unique(graph, f"{node.name}.bias_folded")

@@ -53,6 +53,7 @@ class BiasFold:
     elems: np.ndarray
     positions: np.ndarray  # where those elements sit on the consumer's input axis
     const: np.ndarray
+    bias: str | None  # initializer receiving the fold; None: the consumer has no bias yet (create one)
     exact: bool  # False where zero padding makes the contribution vary near borders
 
 

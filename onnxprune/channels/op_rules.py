@@ -61,7 +61,7 @@ def _nonconst(c: np.ndarray) -> np.ndarray:
 
 
 def _consume(t: Tracer, node: ir.Node, m, weight: ir.Value, in_axis: int, kind: str, exact: bool,
-             can_fold: bool) -> None:
+             can_fold: bool, bias: ir.Value | None = None) -> None:
     """Record that ``node`` reads channels ``m`` through ``weight``'s ``in_axis``.
 
     Masked channels that are not zero must have their constant folded into ``node``'s bias;
@@ -78,7 +78,8 @@ def _consume(t: Tracer, node: ir.Node, m, weight: ir.Value, in_axis: int, kind: 
     if not can_fold:
         t.block(m.elems[nz], f"masked channel carries a constant that {node.op_type} {node.name} cannot absorb")
         return
-    t.fold(BiasFold(node.name, kind, weight.name, in_axis, m.elems[nz], np.flatnonzero(nz), c[nz], exact))  # type: ignore[arg-type]
+    t.fold(BiasFold(node.name, kind, weight.name, in_axis, m.elems[nz], np.flatnonzero(nz), c[nz],
+                    bias.name if bias is not None else None, exact))  # type: ignore[arg-type]
 
 
 def _bias_foldable(node: ir.Node, bias: ir.Value | None) -> bool:
@@ -124,7 +125,7 @@ def conv(node: ir.Node, t: Tracer) -> None:
         if b is not None:
             t.slot(node, b, 0, elems, "bias")
         if m is not None:
-            _consume(t, node, m, w, 1, "conv", exact=not padded, can_fold=_bias_foldable(node, b))
+            _consume(t, node, m, w, 1, "conv", exact=not padded, can_fold=_bias_foldable(node, b), bias=b)
         t.set_map(node, out, 1, elems, np.zeros(cout))
         return
     # Grouped conv: prune the same index in every group, so the group count stays valid.
@@ -195,7 +196,7 @@ def gemm(node: ir.Node, t: Tracer) -> None:
         else:
             alpha, beta = node.attributes.get_float("alpha", 1.0), node.attributes.get_float("beta", 1.0)
             simple = alpha == 1.0 and beta == 1.0 and (c is None or t.const(c).size == n_out)
-            _consume(t, node, m, w, in_axis, "gemm", exact=True, can_fold=simple and _bias_foldable(node, c))
+            _consume(t, node, m, w, in_axis, "gemm", exact=True, can_fold=simple and _bias_foldable(node, c), bias=c)
     t.set_map(node, node.outputs[0], 1, elems, const)
 
 
@@ -214,10 +215,33 @@ def matmul(node: ir.Node, t: Tracer) -> None:
         if m.axis != len(a_shape) - 1:
             t.block(m.elems, f"channel axis reaches MatMul {node.name} outside its contraction axis")
         else:
-            _consume(t, node, m, w, 0, "gemm", exact=True, can_fold=False)
+            bias = _matmul_bias(node, W.shape[1])
+            _consume(t, node, m, w, 0, "gemm", exact=True, can_fold=bias is not None, bias=bias)
     out_shape = t.shape(node.outputs[0])
     rank = len(out_shape) if out_shape else max(len(a_shape), 2)
     t.set_map(node, node.outputs[0], rank - 1, elems, np.zeros(W.shape[1]))
+
+
+def _matmul_bias(node: ir.Node, n_out: int) -> ir.Value | None:
+    """The constant of an ``Add`` that is this MatMul's only consumer: its bias, as exporters write it."""
+    out = node.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    other = add.inputs[1 - uses[0].idx]
+    if other is None or other.const_value is None or other.const_value.size != n_out or len(other.uses()) != 1:
+        return None
+    return other
+
+
+def _is_bias_add(node: ir.Node, t: Tracer, tracked: ir.Value, const: ir.Value, size: int) -> bool:
+    """Add(source output, per-channel constant) right after a Conv/Gemm/MatMul: the source's bias."""
+    producer = tracked.producer()
+    return (node.op_type == "Add" and producer is not None and producer.op_type in ("MatMul", "Conv", "Gemm")
+            and len(tracked.uses()) == 1 and not tracked.is_graph_output() and len(const.uses()) == 1
+            and const.const_value.size == size and t.map(tracked) is not None
+            and bool((t.map(tracked).const == 0).all()))
 
 
 # -- per-channel layers ----------------------------------------------------------------------------
@@ -383,6 +407,10 @@ def elementwise(node: ir.Node, t: Tracer) -> None:
             values.append(np.full(size, np.nan))
             continue
         arr = arr.astype(np.float64)
+        if dim == size and size != 1 and _is_bias_add(node, t, inputs[1 - inputs.index(v)] if len(inputs) == 2 else v, v, size):
+            t.slot(node, v, in_axis, elems, "bias")  # masked with its source, so it adds nothing
+            values.append(np.zeros(size))
+            continue
         if dim == size and size != 1:
             t.slot(node, v, in_axis, elems, "param")
             per_pos = np.moveaxis(arr, in_axis, 0).reshape(size, -1)
@@ -497,36 +525,21 @@ def map_reshape(in_shape: tuple[int, ...], out_shape: tuple[int, ...], axis: int
                 elems: np.ndarray, const: np.ndarray) -> tuple[int, np.ndarray, np.ndarray] | None:
     """Follow a channel axis through a reshape of concrete shapes, or None if channels get split.
 
-    The channel axis may absorb the dims after it (Flatten: each channel becomes a run of
-    positions) or be restored from such a run; it may not be cut across two output axes.
+    In row-major order the channel axis spans a range of strides; the output axis whose stride
+    range contains it carries the channels, each position repeating (Flatten of NCHW) or cycling
+    through (Flatten of NHWC) the channel elements.
     """
-    prefix = int(np.prod(in_shape[:axis], dtype=np.int64))
-    acc, b = 1, 0
-    while b < len(out_shape) and acc < prefix:
-        acc *= out_shape[b]
-        b += 1
-    if acc != prefix or b >= len(out_shape):
-        return None
-    while b < len(out_shape) - 1 and out_shape[b] == 1 and len(elems) != 1:
-        b += 1  # skip unit dims inserted before the channel axis
-    k, m = axis + 1, b + 1
-    tin, tout = in_shape[axis], out_shape[b]
-    while tin != tout:
-        if tin < tout and k < len(in_shape):
-            tin *= in_shape[k]
-            k += 1
-        elif tout < tin and m < len(out_shape):
-            tout *= out_shape[m]
-            m += 1
-        else:
-            return None
-    inner = int(np.prod(in_shape[axis + 1:k], dtype=np.int64))
-    e = np.repeat(elems, inner).reshape(out_shape[b], -1)
-    c = np.repeat(const, inner).reshape(out_shape[b], -1)
-    if not (e == e[:, :1]).all():
-        return None
-    same = (c == c[:, :1]) | (np.isnan(c) & np.isnan(c[:, :1]))
-    return b, e[:, 0], np.where(same.all(axis=1), c[:, 0], np.nan)
+    n = len(elems)
+    inner_in = int(np.prod(in_shape[axis + 1:], dtype=np.int64))
+    for b in range(len(out_shape)):
+        inner_out = int(np.prod(out_shape[b + 1:], dtype=np.int64))
+        outer_out = inner_out * out_shape[b]
+        if out_shape[b] == 1 and n != 1:
+            continue
+        if inner_in % inner_out == 0 and outer_out % (inner_in * n) == 0:
+            pos = (np.arange(out_shape[b], dtype=np.int64) * inner_out // inner_in) % n
+            return b, elems[pos], const[pos]
+    return None
 
 
 @rule("Reshape", "Flatten", "Squeeze", "Unsqueeze")

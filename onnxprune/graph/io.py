@@ -80,6 +80,28 @@ def save_atomic(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, p
     return out
 
 
+def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
+    """Write a small text file (a report) atomically, with the same one-line errors as models."""
+    out = Path(path)
+    directory = out.parent if str(out.parent) else Path(".")
+    if not directory.is_dir():
+        raise OnnxPruneError(f"output directory does not exist: {directory}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else "unreadable"

@@ -1,0 +1,162 @@
+"""Split a global parameter budget into per-group channel counts.
+
+Scores are normalised by their group's mean, so layers of different scale compete fairly, and
+units are removed in *steps* that keep every layer's channel count a multiple of ``round_to``
+(ONNX Runtime's CPU kernels are fastest on such widths; odd widths can make a pruned model slower
+than the original). Parameter savings are counted exactly, including weights shared between
+coupled layers and the overlap of a weight's rows and columns.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .channels.analysis import ChannelAnalysis
+
+
+@dataclass
+class Allocation:
+    removed: set[int]
+    params_before: int  # of the analysed model
+    params_removed: int
+    target_removed: int
+    per_group: dict[int, tuple[int, int]] = field(default_factory=dict)  # group -> (units before, after)
+
+
+class ParamCounter:
+    """Parameters of the analysed model as units are removed, counted per initializer axis."""
+
+    def __init__(self, analysis: ChannelAnalysis) -> None:
+        self.shapes = analysis.value_shapes
+        self.kept: dict[str, dict[int, int]] = defaultdict(dict)
+        self.unit_positions: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
+        for value, axes in analysis.value_axes().items():
+            if value not in self.shapes:
+                continue
+            for axis, roots in axes.items():
+                self.kept[value][axis] = len(roots)
+                units, counts = np.unique(roots, return_counts=True)
+                for u, c in zip(units.tolist(), counts.tolist()):
+                    self.unit_positions[u].append((value, axis, c))
+        self.total = analysis.total_params()
+
+    def _size(self, value: str, kept: dict[int, int]) -> int:
+        shape = list(self.shapes[value])
+        for axis, k in kept.items():
+            shape[axis] = k
+        return int(np.prod(shape, dtype=np.int64))
+
+    def gain(self, units: list[int]) -> int:
+        """Parameters saved by removing ``units`` now (without removing them)."""
+        changes: dict[str, dict[int, int]] = defaultdict(dict)
+        for u in units:
+            for value, axis, c in self.unit_positions.get(u, ()):
+                cur = changes[value].get(axis, self.kept[value][axis])
+                changes[value][axis] = cur - c
+        saved = 0
+        for value, axes in changes.items():
+            saved += self._size(value, self.kept[value]) - self._size(value, {**self.kept[value], **axes})
+        return saved
+
+    def remove(self, units: list[int]) -> None:
+        for u in units:
+            for value, axis, c in self.unit_positions.get(u, ()):
+                self.kept[value][axis] -= c
+
+
+def allowed_sizes(n: int, fixed: int, round_to: int, min_keep_frac: float) -> list[int]:
+    """Channel-unit counts a group may shrink to, largest first (excluding ``n`` itself)."""
+    floor = max(fixed, round_to, math.ceil(min_keep_frac * n), 1)
+    top = (n - 1) // round_to * round_to
+    return [k for k in range(top, floor - 1, -round_to) if k >= floor and k > 0]
+
+
+def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed: int, *,
+             round_to: int = 16, min_keep_frac: float = 0.1, tolerance: int = 0,
+             chunk_guard: bool = True) -> Allocation:
+    """Choose units to remove so that about ``target_removed`` parameters go.
+
+    Greedy over steps: each group offers its next step (the lowest-scored units that bring its
+    width to the next allowed size); the globally least important step is taken while it fits in
+    ``target_removed + tolerance``.
+    """
+    counter = ParamCounter(analysis)
+    plans: dict[int, list[list[int]]] = {}
+    step_scores: dict[int, list[float]] = {}
+    for group in analysis.groups:
+        prunable = [u for u in group.units if analysis.units[u].prunable]
+        if not prunable:
+            continue
+        vals = np.array([scores.get(u, 0.0) for u in group.units], dtype=np.float64)
+        mean = vals.mean() if vals.size and vals.mean() > 0 else 1.0
+        ranked = sorted(prunable, key=lambda u: (scores.get(u, 0.0), u))
+        width = _channels_per_unit(analysis, group.units[0])
+        unit_step = max(1, round_to // math.gcd(round_to, width)) if round_to > 1 else 1
+        sizes = allowed_sizes(len(group.units), len(group.units) - len(prunable), unit_step, min_keep_frac)
+        steps, taken, current = [], 0, len(group.units)
+        for k in sizes:
+            count = current - k
+            steps.append(ranked[taken:taken + count])
+            taken += count
+            current = k
+        if steps:
+            plans[group.id] = steps
+            step_scores[group.id] = [float(np.mean([scores.get(u, 0.0) for u in s]) / mean) for s in steps]
+
+    guard = _ChunkGuard(analysis) if chunk_guard else None
+    heap = [(step_scores[g][0], g, 0) for g in plans]
+    heapq.heapify(heap)
+    removed: set[int] = set()
+    saved = 0
+    per_group = {g.id: (len(g.units), len(g.units)) for g in analysis.groups}
+    while heap and saved < target_removed - tolerance // 2:
+        _, g, i = heapq.heappop(heap)
+        step = plans[g][i]
+        if guard is not None:
+            step = guard.filter(step, removed)
+        gain = counter.gain(step)
+        if saved + gain > target_removed + tolerance:
+            continue  # this group stops here; smaller steps elsewhere may still fit
+        counter.remove(step)
+        removed.update(step)
+        saved += gain
+        before, after = per_group[g]
+        per_group[g] = (before, after - len(step))
+        if i + 1 < len(plans[g]) and len(step) == len(plans[g][i]):
+            heapq.heappush(heap, (step_scores[g][i + 1], g, i + 1))
+    return Allocation(removed, counter.total, saved, target_removed, per_group)
+
+
+def _channels_per_unit(analysis: ChannelAnalysis, unit: int) -> int:
+    for s in analysis.slots:
+        if s.role == "out":
+            roots = analysis.root[s.elems]
+            if unit in roots:
+                return int((roots == unit).sum())
+    return 1
+
+
+class _ChunkGuard:
+    """Never empty a Split output or Slice range: a zero-width tensor would break its consumers."""
+
+    def __init__(self, analysis: ChannelAnalysis) -> None:
+        self.chunks: list[set[int]] = []
+        for edit in analysis.axis_edits:
+            if edit.kind == "split":
+                self.chunks.extend(set(analysis.root[c].tolist()) for c in edit.chunks)
+            elif edit.kind == "slice":
+                self.chunks.append(set(analysis.root[edit.chunks[0][edit.start:edit.end]].tolist()))
+
+    def filter(self, step: list[int], removed: set[int]) -> list[int]:
+        out = list(step)
+        for chunk in self.chunks:
+            if chunk and chunk <= removed | set(out):
+                survivor = max((u for u in out if u in chunk), default=None)
+                if survivor is not None:
+                    out.remove(survivor)
+        return out

@@ -1,0 +1,142 @@
+"""``onnxprune`` command line: ``slim`` and ``analyze``.
+
+Errors in the user's input print one line and exit with status 2; the input model is never
+touched and outputs appear atomically or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import ConfigError, OnnxPruneError
+from .graph.shapes import parse_input_shape
+from .pipeline import DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
+from .report import write_json
+from .saliency.criteria import DESCRIPTIONS
+
+SAMPLE_PREFIX = "sample:"
+
+
+def _model_arg(spec: str) -> str:
+    """A path, or ``sample:NAME`` for one of the bundled sample models (fetched or generated)."""
+    if not spec.startswith(SAMPLE_PREFIX):
+        return spec
+    from .sample_models import SampleUnavailable, sample_path
+    name = spec[len(SAMPLE_PREFIX):]
+    try:
+        return str(sample_path(name))
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0]) if exc.args else f"unknown sample {name}") from None
+    except SampleUnavailable as exc:
+        raise ConfigError(f"sample {name} is unavailable: {exc}") from None
+
+
+def _default_output(model: str) -> Path:
+    p = Path(model)
+    return p.with_name(p.stem + ".slim.onnx") if p.suffix == ".onnx" else p.with_name(p.name + ".slim.onnx")
+
+
+def _shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
+    return dict(parse_input_shape(s) for s in specs or [])
+
+
+class _Progress:
+    """One status line on stderr (only on a terminal, so logs and CI output stay clean)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K{msg}...")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxprune", description="Structured channel pruning of ONNX models (face detectors and recognizers).")
+    parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model", help="input .onnx file, or sample:NAME (see `python -m onnxprune.sample_models list`)")
+    common.add_argument("--input-shape", action="append", metavar="NAME=1x3x640x640",
+                        help="concrete shape used for analysis only (dynamic dims stay dynamic in the output); repeatable")
+    common.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                        help="keep layers whose node name matches this regex or glob intact; repeatable")
+    common.add_argument("--no-simplify", action="store_true", help="do not run onnxsim before analysis")
+    common.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+
+    crit = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
+    p = sub.add_parser("slim", parents=[common], help="remove channels to shrink a model",
+                       description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
+    p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
+    p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
+    p.add_argument("--criterion", default=DEFAULT_CRITERION, help=f"channel importance (default {DEFAULT_CRITERION}). {crit}")
+    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N",
+                   help=f"keep channel counts multiples of N (default {DEFAULT_ROUND_TO}: fastest on ONNX Runtime CPU kernels)")
+    p.add_argument("--min-keep", type=float, default=0.1, metavar="FRAC",
+                   help="keep at least this share of every layer's channels (default 0.1)")
+
+    sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
+                   description="List coupled channel groups, which are prunable, and the reason for the others.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = _Progress(not args.quiet)
+    try:
+        model = _model_arg(args.model)
+        shapes = _shapes(args.input_shape)
+        if args.command == "analyze":
+            report = analyze(model, input_shapes=shapes, exclude=args.exclude, simplify=not args.no_simplify,
+                             progress=progress)
+        else:
+            output = Path(args.output) if args.output else _default_output(model)
+            if output.exists() and output.resolve() == Path(model).resolve():
+                raise ConfigError(f"refusing to overwrite the input model {model}; choose another -o")
+            result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
+                          input_shapes=shapes, min_keep=args.min_keep, simplify=not args.no_simplify,
+                          progress=progress)
+            progress("writing")
+            result.save(output, protect=[model])
+            result.report.output = str(output)
+            report = result.report
+        if args.json:
+            write_json(report, args.json)
+    except OnnxPruneError as exc:
+        progress.done()
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        progress.done()
+        print("onnxprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    progress.done()
+    if not args.quiet:
+        print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""The one-way flow every entry point shares: load → prepare → analyse → score → rewrite → verify → report.
+
+The CLI and the Python API are thin layers over :func:`slim` and :func:`analyze`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from .allocation import allocate
+from .channels.analysis import ChannelAnalysis, analyze_channels
+from .errors import ConfigError, NothingToPruneError
+from .graph.io import ModelLike, load_proto, save_atomic
+from .graph.metrics import count_macs, count_params
+from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
+from .passes import cleanup, fold_batchnorm, remove_channels
+from .report import AnalysisReport, GroupReport, LayerReport, SlimReport
+from .saliency.criteria import ScoreContext, get_criterion
+from .verify import verify
+
+# Channel counts are kept multiples of this by default: see benchmarks/channel_rounding.py and README.
+DEFAULT_ROUND_TO = 16
+DEFAULT_CRITERION = "l2"
+TOLERANCE = 0.01  # the achieved ratio lands within ±1% of parameters of the target
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class Prepared:
+    """A model in the canonical form the analysis reads, with what preparing it took."""
+
+    original: onnx.ModelProto
+    model: ir.Model
+    input_shapes: dict[str, Shape]
+    shapes: dict[str, Shape]
+    bn_gamma: dict[str, np.ndarray]
+    steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SlimResult:
+    """The pruned model and the report of how it was made."""
+
+    model: onnx.ModelProto
+    report: SlimReport
+
+    def save(self, path: str | Path, *, protect: Sequence[str | Path] = ()) -> Path:
+        return save_atomic(self.model, path, protect=[Path(p) for p in protect])
+
+
+def _name(model: ModelLike) -> str:
+    return str(model) if isinstance(model, (str, Path)) else "<in-memory model>"
+
+
+def prepare(model: ModelLike, *, input_shapes: Mapping[str, Shape] | None = None, simplify: bool = True,
+            progress: Progress | None = None) -> Prepared:
+    """Load and canonicalise: onnxsim, lifted constants, no Identity, BN folded (γ kept)."""
+    say = progress or (lambda _: None)
+    original = load_proto(model)
+    shapes_in = representative_shapes(original, input_shapes)
+    steps, notes = [], []
+    proto = original
+    if simplify:
+        say("simplifying with onnxsim")
+        proto, note = _simplify(original)
+        steps.append("onnxsim" if note is None else "onnxsim skipped")
+        if note:
+            notes.append(note)
+    say("canonicalising graph")
+    m, rec = cleanup(ir.from_proto(proto))
+    steps += [f"cleanup: {p}" for p in rec.passes]
+    m, fold = fold_batchnorm(m)
+    if fold.folded:
+        steps.append(f"folded {len(fold.folded)} BatchNormalization into Conv")
+    say("inferring shapes")
+    shapes = infer_concrete_shapes(ir.to_proto(m), shapes_in)
+    return Prepared(original, m, shapes_in, shapes, fold.gamma, steps, notes)
+
+
+def _simplify(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    try:
+        import onnxsim
+    except ImportError:
+        return proto, "onnxsim is not installed; continuing without simplification"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, ok = onnxsim.simplify(proto, check_n=0, skip_fuse_bn=True)
+    except Exception as exc:  # onnxsim fails on some exotic graphs; the analysis copes without it
+        return proto, f"onnxsim could not simplify the model ({type(exc).__name__}); continuing without it"
+    if not ok:
+        return proto, "onnxsim check failed; continuing without simplification"
+    return out, None
+
+
+def analyze(model: ModelLike, *, input_shapes: Mapping[str, Shape] | None = None, exclude: Sequence[str] = (),
+            simplify: bool = True, progress: Progress | None = None) -> AnalysisReport:
+    """Which channel groups a model has, which are prunable, and why the others are not."""
+    prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=progress)
+    analysis = analyze_channels(prep.model, prep.shapes, exclude)
+    groups = _group_reports(analysis)
+    warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
+    return AnalysisReport(
+        model=_name(model), input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
+        params=count_params(prep.original),
+        macs=count_macs(prep.original, infer_concrete_shapes(prep.original, prep.input_shapes)),
+        groups=groups, prunable_channels=sum(g.channels for g in groups if g.prunable),
+        total_channels=sum(g.channels for g in groups), preprocessing=prep.steps, warnings=warns)
+
+
+def _group_reports(analysis: ChannelAnalysis) -> list[GroupReport]:
+    out = []
+    for g in analysis.groups:
+        prunable = any(analysis.units[u].prunable for u in g.units)
+        out.append(GroupReport(g.id, g.layers, len(g.units), prunable, [] if prunable else g.reasons))
+    return out
+
+
+def slim(model: ModelLike, ratio: float, *, criterion: str = DEFAULT_CRITERION, round_to: int = DEFAULT_ROUND_TO,
+         exclude: Sequence[str] = (), input_shapes: Mapping[str, Shape] | None = None, min_keep: float = 0.1,
+         simplify: bool = True, progress: Progress | None = None) -> SlimResult:
+    """Remove about ``ratio`` of the model's parameters by deleting whole channels.
+
+    Returns the smaller model (same inputs and outputs, symbolic dims kept) and a report. Raises
+    :class:`~onnxprune.errors.OnnxPruneError` subclasses for bad input.
+    """
+    start = time.perf_counter()
+    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ConfigError(f"--ratio must be in [0, 1) (share of parameters removed), got {ratio}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"--round-to must be a positive integer, got {round_to}")
+    if not 0 <= min_keep <= 1:
+        raise ConfigError(f"min_keep must be in [0, 1], got {min_keep}")
+    score_fn = get_criterion(criterion)
+    say = progress or (lambda _: None)
+    prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
+    say("analysing channel dependencies")
+    analysis = analyze_channels(prep.model, prep.shapes, exclude)
+    warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
+    if ratio > 0 and not analysis.prunable_units:
+        reasons = sorted({r for g in analysis.groups for r in g.reasons})
+        raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
+
+    params_in = count_params(prep.original)
+    say(f"scoring channels ({criterion})")
+    arrays = {n: v.const_value.numpy() for n, v in prep.model.graph.initializers.items() if v.const_value is not None}
+    bn_scales = {n.name: n.inputs[1].name for n in prep.model.graph if n.op_type == "BatchNormalization"}
+    scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales))
+    already = params_in - analysis.total_params()  # removed by preparation (BN folding, constant folding)
+    target = max(0, int(round(ratio * params_in)) - already) if ratio > 0 else 0
+    say("allocating the parameter budget")
+    alloc, used_round_to = _allocate_rounded(analysis, scores, target, round_to, min_keep, int(TOLERANCE * params_in))
+    if used_round_to != round_to:
+        warns.append(f"--round-to {round_to} cannot reach the target on this model; used {used_round_to} "
+                     "(layers narrower than the rounding cannot shrink)")
+    say(f"removing {len(alloc.removed)} channel units")
+    pruned_ir, record = remove_channels(prep.model, analysis, alloc.removed)
+    pruned = _finalize(ir.to_proto(pruned_ir), prep.original)
+    say("verifying the output model")
+    check = verify(prep.original, pruned, prep.input_shapes)
+
+    params_out = count_params(pruned)
+    achieved = 1 - params_out / params_in if params_in else 0.0
+    if ratio > 0 and abs(achieved - ratio) > TOLERANCE:
+        warns.append(f"achieved {achieved:.1%} of parameters removed, target {ratio:.1%}: "
+                     "not enough prunable channels at this --round-to / --exclude")
+    shapes_out = infer_concrete_shapes(pruned, prep.input_shapes)
+    report = SlimReport(
+        model=_name(model), output=None, criterion=criterion, target_ratio=float(ratio), achieved_ratio=achieved,
+        params_before=params_in, params_after=params_out,
+        macs_before=count_macs(prep.original, infer_concrete_shapes(prep.original, prep.input_shapes)),
+        macs_after=count_macs(pruned, shapes_out), round_to=used_round_to,
+        input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
+        layers=[LayerReport(c.node, c.before, c.after) for c in record.layers],
+        unprunable=[g for g in _group_reports(analysis) if not g.prunable],
+        excluded=list(exclude), output_rel_error=check.output_rel_error, preprocessing=prep.steps,
+        folded_biases=record.folded_biases, inexact_folds=record.inexact_folds, warnings=warns,
+        seconds=time.perf_counter() - start)
+    return SlimResult(pruned, report)
+
+
+def _allocate_rounded(analysis: ChannelAnalysis, scores: dict[int, float], target: int, round_to: int,
+                      min_keep: float, tolerance: int):
+    """Allocate at ``round_to``, halving it only if the target is out of reach at that granularity.
+
+    Speed prefers coarse widths, but the ratio is the user's contract: small models (MTCNN's
+    10- and 16-channel layers) cannot shrink at all when rounded to 16.
+    """
+    best = None
+    r = round_to
+    while True:
+        alloc = allocate(analysis, scores, target, round_to=r, min_keep_frac=min_keep, tolerance=tolerance)
+        if best is None or abs(alloc.params_removed - target) < abs(best[0].params_removed - target):
+            best = (alloc, r)
+        if abs(alloc.params_removed - target) <= tolerance or r == 1:
+            return best
+        r = max(1, r // 2)
+
+
+def _finalize(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Re-infer intermediate shapes and restore the original interface declarations verbatim."""
+    del model.graph.value_info[:]
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass  # shapes of intermediates are optional; the checker and ORT decide validity
+    inits = {i.name for i in original.graph.initializer}
+    by_name = {vi.name: vi for vi in original.graph.input if vi.name not in inits}
+    for vi in model.graph.input:
+        if vi.name in by_name:
+            vi.CopyFrom(by_name[vi.name])
+    outs = {vi.name: vi for vi in original.graph.output}
+    for vi in model.graph.output:
+        if vi.name in outs:
+            vi.CopyFrom(outs[vi.name])
+    return model

@@ -1,0 +1,141 @@
+"""What a run did, as data (JSON for CI pipelines) and as a human summary (the CLI's output)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LayerReport:
+    node: str
+    before: int
+    after: int
+
+
+@dataclass
+class GroupReport:
+    id: int
+    layers: list[str]
+    channels: int
+    prunable: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AnalysisReport:
+    model: str
+    input_shapes: dict[str, list[int]]
+    params: int
+    macs: int
+    groups: list[GroupReport]
+    prunable_channels: int
+    total_channels: int
+    preprocessing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, "kind": "analysis", **asdict(self)}
+
+    def summary(self, max_rows: int = 60) -> str:
+        prunable = [g for g in self.groups if g.prunable]
+        lines = [
+            f"model: {self.model}",
+            f"analysis shape: {_shapes(self.input_shapes)}   params {self.params:,}   MACs {_big(self.macs)}",
+            f"channel groups: {len(self.groups)} ({len(prunable)} prunable), channels "
+            f"{self.prunable_channels:,} of {self.total_channels:,} prunable",
+            "",
+            f"{'group':>5}  {'ch':>5}  {'prunable':8}  layers / why not",
+        ]
+        for g in self.groups[:max_rows]:
+            layers = ", ".join(g.layers[:3]) + (f" (+{len(g.layers) - 3})" if len(g.layers) > 3 else "")
+            why = "" if g.prunable else f"  <- {g.reasons[0]}" + (f" (+{len(g.reasons) - 1} more)" if len(g.reasons) > 1 else "")
+            lines.append(f"{g.id:>5}  {g.channels:>5}  {'yes' if g.prunable else 'no':8}  {layers}{why}")
+        if len(self.groups) > max_rows:
+            lines.append(f"  ... {len(self.groups) - max_rows} more groups (use --json for all)")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass
+class SlimReport:
+    model: str
+    output: str | None
+    criterion: str
+    target_ratio: float
+    achieved_ratio: float
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    round_to: int
+    input_shapes: dict[str, list[int]]
+    layers: list[LayerReport]
+    unprunable: list[GroupReport]
+    excluded: list[str]
+    output_rel_error: dict[str, float]
+    preprocessing: list[str] = field(default_factory=list)
+    folded_biases: int = 0
+    inexact_folds: int = 0
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def mac_ratio(self) -> float:
+        return self.macs_after / self.macs_before if self.macs_before else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"schema": SCHEMA_VERSION, "kind": "slim", **asdict(self)}
+        d["mac_ratio"] = self.mac_ratio
+        return d
+
+    def summary(self, max_rows: int = 40) -> str:
+        changed = [l for l in self.layers if l.after != l.before]
+        lines = [
+            f"model: {self.model}" + (f" -> {self.output}" if self.output else ""),
+            f"criterion {self.criterion}, round-to {self.round_to}, analysis shape {_shapes(self.input_shapes)}",
+            f"params  {self.params_before:>12,} -> {self.params_after:>12,}   removed {self.achieved_ratio:6.1%} "
+            f"(target {self.target_ratio:.1%})",
+            f"MACs    {_big(self.macs_before):>12} -> {_big(self.macs_after):>12}   x{self.mac_ratio:.3f}",
+            f"layers pruned: {len(changed)} of {len(self.layers)}",
+        ]
+        if changed:
+            lines.append(f"  {'layer':48s} channels")
+            for l in changed[:max_rows]:
+                lines.append(f"  {l.node[:48]:48s} {l.before:>5} -> {l.after:<5}")
+            if len(changed) > max_rows:
+                lines.append(f"  ... {len(changed) - max_rows} more (use --json for all)")
+        if self.unprunable:
+            lines.append(f"unprunable groups: {len(self.unprunable)}")
+            for g in self.unprunable[:10]:
+                lines.append(f"  {', '.join(g.layers[:2])[:48]:48s} {g.channels:>5} ch  {g.reasons[0] if g.reasons else ''}")
+            if len(self.unprunable) > 10:
+                lines.append(f"  ... {len(self.unprunable) - 10} more (onnxprune analyze shows all)")
+        if self.folded_biases:
+            lines.append(f"bias folds: {self.folded_biases} ({self.inexact_folds} exact only away from padded borders)")
+        if self.output_rel_error:
+            worst = max(self.output_rel_error.items(), key=lambda kv: kv[1])
+            lines.append(f"output drift on a random input: max relative error {worst[1]:.3g} ({worst[0]})")
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines.append(f"time: {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def write_json(report: AnalysisReport | SlimReport, path: str | Path) -> None:
+    from .graph.io import write_text_atomic
+    write_text_atomic(json.dumps(report.to_dict(), indent=2), path)
+
+
+def _shapes(shapes: dict[str, list[int]]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def _big(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)

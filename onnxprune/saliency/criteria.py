@@ -1,0 +1,126 @@
+"""Channel importance: how much each prunable unit matters, by a pluggable criterion.
+
+A criterion maps each unit to a non-negative score; only the order *within a group* and the
+group-normalised value are used by the allocator, so criteria need not share a scale. Weight-only
+criteria live here; calibration-based ones (SNIP, Taylor) register themselves the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from ..channels.analysis import ChannelAnalysis
+from ..errors import ConfigError
+
+
+@dataclass
+class ScoreContext:
+    analysis: ChannelAnalysis
+    arrays: dict[str, np.ndarray]  # initializer values of the analysed model
+    bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)  # conv node -> γ of the BN folded into it
+    bn_scale_inputs: dict[str, str] = field(default_factory=dict)  # BN node -> its scale initializer
+
+
+class Criterion(Protocol):
+    def __call__(self, ctx: ScoreContext) -> dict[int, float]: ...
+
+
+CRITERIA: dict[str, Criterion] = {}
+DESCRIPTIONS: dict[str, str] = {}
+
+
+def register_criterion(name: str, description: str) -> Callable[[Criterion], Criterion]:
+    def register(fn: Criterion) -> Criterion:
+        CRITERIA[name] = fn
+        DESCRIPTIONS[name] = description
+        return fn
+    return register
+
+
+def get_criterion(name: str) -> Criterion:
+    try:
+        return CRITERIA[name]
+    except KeyError:
+        raise ConfigError(f"unknown criterion {name!r}; choose one of {', '.join(sorted(CRITERIA))}") from None
+
+
+def _slot_norms(ctx: ScoreContext, order: float, roles: tuple[str, ...]) -> dict[int, list[float]]:
+    """Per unit, the norm of its slice in every weight slot, each normalised by the slot's mean."""
+    a = ctx.analysis
+    per_unit: dict[int, list[float]] = defaultdict(list)
+    for s in a.slots:
+        if s.role not in roles:
+            continue
+        arr = np.moveaxis(np.abs(ctx.arrays[s.value].astype(np.float64)), s.axis, 0).reshape(len(s.elems), -1)
+        roots = a.root[s.elems]
+        units, inverse = np.unique(roots, return_inverse=True)
+        powered = arr ** order if order != 1 else arr
+        sums = np.zeros(len(units))
+        np.add.at(sums, inverse, powered.sum(axis=1))
+        norms = sums ** (1 / order)
+        mean = norms.mean()
+        if mean <= 0:
+            continue
+        for u, n in zip(units.tolist(), (norms / mean).tolist()):
+            if u in a.units:
+                per_unit[u].append(n)
+    return per_unit
+
+
+def _magnitude(ctx: ScoreContext, order: float) -> dict[int, float]:
+    per_unit = _slot_norms(ctx, order, ("out", "in"))
+    return {u: float(np.mean(per_unit[u])) if per_unit.get(u) else 0.0 for u in ctx.analysis.units}
+
+
+@register_criterion("l1", "L1 norm of every weight slice the channel owns or feeds (producers and consumers)")
+def l1(ctx: ScoreContext) -> dict[int, float]:
+    return _magnitude(ctx, 1.0)
+
+
+@register_criterion("l2", "L2 norm of every weight slice the channel owns or feeds (producers and consumers)")
+def l2(ctx: ScoreContext) -> dict[int, float]:
+    return _magnitude(ctx, 2.0)
+
+
+def _gammas(ctx: ScoreContext) -> dict[int, list[float]]:
+    a = ctx.analysis
+    out: dict[int, list[float]] = defaultdict(list)
+    for s in a.slots:
+        gamma = None
+        if s.role == "out" and s.node in ctx.bn_gamma and len(ctx.bn_gamma[s.node]) == len(s.elems):
+            gamma = ctx.bn_gamma[s.node]
+        elif s.role == "param" and ctx.bn_scale_inputs.get(s.node) == s.value:
+            gamma = ctx.arrays[s.value]
+        if gamma is None:
+            continue
+        for u, g in zip(a.root[s.elems].tolist(), np.abs(gamma).tolist()):
+            out[u].append(g)
+    return out
+
+
+@register_criterion("bn", "|γ| of the channel's BatchNorm (network slimming); L2 where a group has no BN")
+def bn(ctx: ScoreContext) -> dict[int, float]:
+    gam = _gammas(ctx)
+    fallback = _magnitude(ctx, 2.0)
+    scores: dict[int, float] = {}
+    for group in ctx.analysis.groups:
+        has_bn = all(gam.get(u) for u in group.units)
+        for u in group.units:
+            scores[u] = float(np.mean(gam[u])) if has_bn else fallback[u]
+    return scores
+
+
+@register_criterion("double", "geometric mean of group-normalised BN-γ and L2 (double pruning)")
+def double(ctx: ScoreContext) -> dict[int, float]:
+    b, m = bn(ctx), _magnitude(ctx, 2.0)
+    scores: dict[int, float] = {}
+    for group in ctx.analysis.groups:
+        bm = np.mean([b[u] for u in group.units]) or 1.0
+        mm = np.mean([m[u] for u in group.units]) or 1.0
+        for u in group.units:
+            scores[u] = float(np.sqrt((b[u] / bm) * (m[u] / mm)))
+    return scores

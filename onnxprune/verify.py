@@ -1,0 +1,74 @@
+"""Checks every output model must pass before it is written: the contract of the tool.
+
+A rewritten model must pass ``onnx.checker``, run in ONNX Runtime, and keep the original graph
+inputs and outputs (names, element types, shapes including symbolic dims). The same run also
+measures how far the outputs moved, a cheap first signal of what pruning did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import VerificationError
+from .graph.shapes import Shape, graph_inputs, random_inputs
+
+
+@dataclass
+class Verification:
+    checker: bool
+    ran: bool
+    interface_kept: bool
+    output_rel_error: dict[str, float]  # ||y' - y|| / ||y|| on a random input at the analysis shape
+
+
+def _signature(vi: onnx.ValueInfoProto) -> tuple:
+    tt = vi.type.tensor_type
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim) \
+        if tt.HasField("shape") else None
+    return vi.name, tt.elem_type, dims
+
+
+def interface(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
+    return [_signature(i) for i in graph_inputs(model)], [_signature(o) for o in model.graph.output]
+
+
+def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_shapes: Mapping[str, Shape],
+           seed: int = 0) -> Verification:
+    """Raise VerificationError unless ``rewritten`` is a valid drop-in replacement for ``original``."""
+    try:
+        onnx.checker.check_model(rewritten)
+    except onnx.checker.ValidationError as exc:
+        raise VerificationError(f"output model fails onnx.checker: {str(exc).splitlines()[0][:200]}") from None
+    if interface(original) != interface(rewritten):
+        raise VerificationError("output model changed the graph inputs or outputs (names, types or shapes)")
+    try:
+        new_sess = session(rewritten)
+    except Exception as exc:  # ORT raises several unrelated types
+        raise VerificationError(f"ONNX Runtime cannot load the output model: {str(exc).splitlines()[0][:200]}") from None
+    ref_sess = session(original)
+    feeds = random_inputs(ref_sess, input_shapes, np.random.default_rng(seed))
+    ref = ref_sess.run(None, feeds)
+    try:
+        out = new_sess.run(None, feeds)
+    except Exception as exc:
+        raise VerificationError(f"ONNX Runtime cannot run the output model: {str(exc).splitlines()[0][:200]}") from None
+    errors = {}
+    for o, a, b in zip(ref_sess.get_outputs(), ref, out):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise VerificationError(f"output {o.name} has shape {b.shape}, the original {a.shape}")
+        errors[o.name] = float(np.linalg.norm(b - a) / (np.linalg.norm(a) or 1.0))
+    return Verification(True, True, True, errors)
