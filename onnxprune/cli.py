@@ -14,6 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import ConfigError, OnnxPruneError
+from .graph.io import check_writable
 from .graph.shapes import parse_input_shape
 from .pipeline import DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
 from .report import write_json
@@ -115,6 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             output = Path(args.output) if args.output else _default_output(model)
             if output.exists() and output.resolve() == Path(model).resolve():
                 raise ConfigError(f"refusing to overwrite the input model {model}; choose another -o")
+            check_writable(output)
+            if args.json:
+                check_writable(args.json)
             result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
                           input_shapes=shapes, min_keep=args.min_keep, simplify=not args.no_simplify,
                           progress=progress)

@@ -56,12 +56,11 @@ def save_atomic(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, p
     for p in protect or []:
         if Path(p).exists() and out.exists() and out.resolve() == Path(p).resolve():
             raise OnnxPruneError(f"refusing to overwrite the input model {p}; choose another output path with -o")
-    directory = out.parent if str(out.parent) else Path(".")
-    if not directory.exists():
-        raise OnnxPruneError(f"output directory does not exist: {directory}")
-    if not os.access(directory, os.W_OK):
-        raise OnnxPruneError(f"output directory is not writable: {directory}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+    check_writable(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+    except OSError as exc:
+        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         if proto.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
@@ -80,14 +79,26 @@ def save_atomic(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, p
     return out
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Fail early, with one line, if ``path`` cannot be created (before any long work runs)."""
+    out = Path(path)
+    directory = out.parent if str(out.parent) else Path(".")
+    if not directory.exists():
+        raise OnnxPruneError(f"output directory does not exist: {directory}")
+    if not directory.is_dir():
+        raise OnnxPruneError(f"output directory is not a directory: {directory}")
+    if not os.access(directory, os.W_OK):
+        raise OnnxPruneError(f"output directory is not writable: {directory}")
+    if out.is_dir():
+        raise OnnxPruneError(f"output path is a directory: {out}")
+
+
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file (a report) atomically, with the same one-line errors as models."""
     out = Path(path)
-    directory = out.parent if str(out.parent) else Path(".")
-    if not directory.is_dir():
-        raise OnnxPruneError(f"output directory does not exist: {directory}")
+    check_writable(out)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     except OSError as exc:
         raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
