@@ -1,7 +1,8 @@
 """Zero channel units at their source, keeping every shape: the reference removal must match.
 
-Masking a unit zeroes the weights and biases that produce it; everything downstream (BN shifts,
-activations, the next layers) runs unchanged. Physically removing the same units must give the
+Masking a unit zeroes the weights that produce it (and its bias too when the analysis was made
+with ``keep_bias=False``); everything downstream (BN shifts, activations, the next layers) runs
+unchanged. Physically removing the same units must give the
 same outputs, which makes this pass the oracle of the removal tests.
 """
 
@@ -18,8 +19,9 @@ def mask_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int] 
     model = ir.from_proto(ir.to_proto(model))
     removed_arr = np.array(sorted(set(int(u) for u in removed)), dtype=np.int64)
     arrays: dict[str, np.ndarray] = {}
+    roles = ("out",) if analysis.keep_bias else ("out", "bias")
     for s in analysis.slots:
-        if s.role not in ("out", "bias"):
+        if s.role not in roles:
             continue
         dead = np.isin(analysis.root[s.elems], removed_arr)
         if not dead.any():

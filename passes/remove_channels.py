@@ -47,6 +47,10 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int
     def keep(elems: np.ndarray) -> np.ndarray:
         return ~np.isin(analysis.root[elems], removed_arr)
 
+    for s in analysis.slots:  # a zero-width layer is not a valid graph (and crashes some kernels)
+        if s.role == "out" and len(s.elems) and not keep(s.elems).any():
+            raise ValueError(f"removing these units would leave {s.node} with no channels")
+
     arrays = {name: v.const_value.numpy().copy() for name, v in graph.initializers.items() if v.const_value is not None}
     slots = list(analysis.slots)
     slots.extend(_fold_biases(graph, nodes, analysis, keep, arrays, record))
@@ -100,6 +104,14 @@ def _fold_biases(graph, nodes, analysis: ChannelAnalysis, keep, arrays, record: 
         p = fold.positions[gone]
         if fold.kind == "conv":
             delta = W[:, p].reshape(W.shape[0], len(p), -1).sum(axis=2) @ c
+        elif fold.kind == "grouped":
+            groups = node.attributes.get_int("group", 1)
+            cout_g, cin_g = W.shape[0] // groups, W.shape[1]
+            ksum = W.reshape(W.shape[0], cin_g, -1).sum(axis=2)
+            delta = np.zeros(W.shape[0])
+            for pos, val in zip(p.tolist(), c.tolist()):
+                k, i = divmod(pos, cin_g)
+                delta[k * cout_g:(k + 1) * cout_g] += val * ksum[k * cout_g:(k + 1) * cout_g, i]
         elif fold.in_axis == 1:
             delta = W[:, p] @ c
         else:

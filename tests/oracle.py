@@ -21,14 +21,19 @@ def run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> list
     return sess.run(None, feeds)
 
 
-def analysed(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], exclude=()) -> tuple[ir.Model, ChannelAnalysis]:
+def analysed(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], exclude=(),
+             keep_bias: bool = True) -> tuple[ir.Model, ChannelAnalysis]:
     prep = prepare(proto, input_shapes={k: v.shape for k, v in feeds.items()}, simplify=False)
-    return prep.model, analyze_channels(prep.model, prep.shapes, exclude)
+    return prep.model, analyze_channels(prep.model, prep.shapes, exclude, keep_bias=keep_bias)
 
 
 def random_selection(analysis: ChannelAnalysis, rng: np.random.Generator, p: float, exact_only: bool = True) -> list[int]:
     units = [u for u in analysis.prunable_units if not (exact_only and u in analysis.inexact)]
-    return [u for u in units if rng.random() < p]
+    chosen = {u for u in units if rng.random() < p}
+    for g in analysis.groups:  # every layer keeps at least one channel
+        if set(g.units) <= chosen:
+            chosen.discard(g.units[0])
+    return sorted(chosen)
 
 
 def close(a: list[np.ndarray], b: list[np.ndarray], tol: float = 1e-5) -> float:

@@ -32,8 +32,9 @@ class ChannelAnalysis:
     axis_edits: list[AxisEdit]
     root: np.ndarray  # element id -> unit id
     value_shapes: dict[str, tuple[int, ...]]  # every float initializer
-    inexact: set[int] = field(default_factory=set)  # units whose bias fold is exact only away from borders
+    inexact: set[int] = field(default_factory=set)  # units whose removal is exact only away from borders
     unmatched_excludes: list[str] = field(default_factory=list)
+    keep_bias: bool = True  # removed channels output their bias (folded forward), not zero
 
     def roots(self, elems: np.ndarray) -> np.ndarray:
         return self.root[elems]
@@ -60,10 +61,17 @@ def _matcher(pattern: str):
     return lambda name: rx.search(name) is not None
 
 
-def analyze_channels(model: ir.Model, shapes: dict[str, tuple[int, ...]], exclude: list[str] | tuple[str, ...] = ()) -> ChannelAnalysis:
-    """Find the coupled channel units of ``model`` (cleaned, BN folded) given concrete ``shapes``."""
+def analyze_channels(model: ir.Model, shapes: dict[str, tuple[int, ...]], exclude: list[str] | tuple[str, ...] = (),
+                     *, keep_bias: bool = True) -> ChannelAnalysis:
+    """Find the coupled channel units of ``model`` (cleaned, BN folded) given concrete ``shapes``.
+
+    ``keep_bias``: a removed channel is replaced by the constant it outputs once its weights are
+    gone (its bias, after BN folding the BN shift), folded into the next layers. This is what
+    network slimming relies on: a channel with tiny γ is almost its β. With ``keep_bias=False``
+    a removed channel is zero, the semantics of naive physical pruning.
+    """
     graph = model.graph
-    t = Tracer(shapes, opset=model.opset_imports.get("", 13))
+    t = Tracer(shapes, opset=model.opset_imports.get("", 13), keep_bias=keep_bias)
     for node in graph:
         op_rules.apply(node, t)
     for out in graph.outputs:
@@ -112,7 +120,7 @@ def analyze_channels(model: ir.Model, shapes: dict[str, tuple[int, ...]], exclud
     }
     inexact = {int(root[e]) for e in t.inexact}
     return ChannelAnalysis(units, groups, t.slots, t.folds, t.group_edits, t.axis_edits, root,
-                           value_shapes, inexact, unmatched)
+                           value_shapes, inexact, unmatched, keep_bias)
 
 
 def _close_shared_slots(t: Tracer) -> None:

@@ -47,7 +47,7 @@ class BiasFold:
     """A consumer whose removed input channels carry a constant: fold it into the consumer's bias."""
 
     node: str
-    kind: Literal["conv", "gemm"]
+    kind: Literal["conv", "grouped", "gemm"]
     weight: str
     in_axis: int
     elems: np.ndarray

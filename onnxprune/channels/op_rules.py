@@ -82,6 +82,13 @@ def _consume(t: Tracer, node: ir.Node, m, weight: ir.Value, in_axis: int, kind: 
                     bias.name if bias is not None else None, exact))  # type: ignore[arg-type]
 
 
+def _source_const(t: Tracer, bias: ir.Value | None, n: int) -> np.ndarray:
+    """What a removed channel of a weighted layer outputs: its bias (weights gone), or 0 in zero mode."""
+    if bias is None or not t.keep_bias:
+        return np.zeros(n)
+    return np.broadcast_to(t.const(bias).astype(np.float64).reshape(-1), (n,)).copy()
+
+
 def _bias_foldable(node: ir.Node, bias: ir.Value | None) -> bool:
     # A shared bias would receive another layer's fold; a runtime bias cannot be rewritten.
     return bias is None or (bias.const_value is not None and len(bias.uses()) == 1)
@@ -116,7 +123,9 @@ def conv(node: ir.Node, t: Tracer) -> None:
         cin = np.repeat(m.const, mult)
         bias = t.const(b).astype(np.float64) if b is not None else np.zeros(cout)
         ksum = W.reshape(cout, -1).sum(axis=1).astype(np.float64)
-        const = np.where(cin == 0, bias, np.nan if padded else cin * ksum + bias)
+        const = np.where(cin == 0, bias, cin * ksum + bias)
+        if padded:  # a constant plane convolved with zero padding differs at the borders
+            t.approximate(elems[~np.isnan(cin) & (cin != 0)])
         t.set_map(node, out, 1, elems, const)
         return
     if g == 1:
@@ -126,7 +135,7 @@ def conv(node: ir.Node, t: Tracer) -> None:
             t.slot(node, b, 0, elems, "bias")
         if m is not None:
             _consume(t, node, m, w, 1, "conv", exact=not padded, can_fold=_bias_foldable(node, b), bias=b)
-        t.set_map(node, out, 1, elems, np.zeros(cout))
+        t.set_map(node, out, 1, elems, _source_const(t, b, cout))
         return
     # Grouped conv: prune the same index in every group, so the group count stays valid.
     cout_g = cout // g
@@ -139,9 +148,17 @@ def conv(node: ir.Node, t: Tracer) -> None:
         for k in range(1, g):
             t.union(per_group[0], per_group[k])
         t.slot(node, w, 1, per_group[0], "in")
-        if (m.const != 0).any():
-            t.block(m.elems[m.const != 0], f"masked channel carries a constant into grouped Conv {node.name}")
-    t.set_map(node, out, 1, elems, np.zeros(cout))
+        c = m.const
+        if np.isnan(c).any():
+            t.block(m.elems[np.isnan(c)], f"channel is not constant when masked, read by {node.name}")
+        nz = ~np.isnan(c) & (c != 0)
+        if nz.any():
+            if _bias_foldable(node, b):
+                t.fold(BiasFold(node.name, "grouped", w.name, 1, m.elems[nz], np.flatnonzero(nz), c[nz],
+                                b.name if b is not None else None, exact=not padded))
+            else:
+                t.block(m.elems[nz], f"masked channel carries a constant that {node.name} cannot absorb")
+    t.set_map(node, out, 1, elems, _source_const(t, b, cout))
 
 
 @rule("ConvTranspose")
@@ -164,7 +181,7 @@ def conv_transpose(node: ir.Node, t: Tracer) -> None:
         else:
             # Output pixels see a varying number of kernel taps: a constant input is never foldable.
             _consume(t, node, m, w, 0, "conv", exact=False, can_fold=False)
-    t.set_map(node, node.outputs[0], 1, elems, np.zeros(cout))
+    t.set_map(node, node.outputs[0], 1, elems, _source_const(t, b, cout))
 
 
 @rule("Gemm")
@@ -186,6 +203,8 @@ def gemm(node: ir.Node, t: Tracer) -> None:
         beta = node.attributes.get_float("beta", 1.0)
         if C.size == n_out and C.shape[-1] == n_out:
             t.slot(node, c, C.ndim - 1, elems, "bias")
+            if t.keep_bias:
+                const = C.reshape(-1).astype(np.float64) * beta
         elif C.size == 1:
             const = np.full(n_out, float(C.reshape(-1)[0]) * beta)
         else:
@@ -408,9 +427,10 @@ def elementwise(node: ir.Node, t: Tracer) -> None:
             continue
         arr = arr.astype(np.float64)
         if dim == size and size != 1 and _is_bias_add(node, t, inputs[1 - inputs.index(v)] if len(inputs) == 2 else v, v, size):
-            t.slot(node, v, in_axis, elems, "bias")  # masked with its source, so it adds nothing
-            values.append(np.zeros(size))
-            continue
+            t.slot(node, v, in_axis, elems, "bias")  # the source's bias, written as a separate Add
+            if not t.keep_bias:
+                values.append(np.zeros(size))
+                continue
         if dim == size and size != 1:
             t.slot(node, v, in_axis, elems, "param")
             per_pos = np.moveaxis(arr, in_axis, 0).reshape(size, -1)
@@ -447,7 +467,13 @@ def avg_pool(node: ir.Node, t: Tracer) -> None:
     border = node.op_type != "GlobalLpPool" and _padded(node) and (
         node.op_type == "LpPool" or node.attributes.get_int("count_include_pad", 0))
     lp = node.op_type in ("LpPool", "GlobalLpPool")
-    _passthrough(node, t, lambda c: np.where(c == 0, 0.0, np.nan) if (border or lp) else c)
+    if lp:
+        _passthrough(node, t, lambda c: np.where(c == 0, 0.0, np.nan))
+        return
+    _passthrough(node, t)
+    m = t.map(_inp(node, 0))
+    if border and m is not None:
+        t.approximate(m.elems[m.const != 0])  # padded zeros pull border averages toward 0
 
 
 @rule("Pad")
@@ -470,7 +496,9 @@ def pad(node: ir.Node, t: Tracer) -> None:
     mode = node.attributes.get_string("mode", "constant")
     value = t.const(_inp(node, 2))
     value = float(value.reshape(-1)[0]) if value is not None and value.size else node.attributes.get_float("value", 0.0)
-    const = m.const if mode != "constant" or not pads.any() else np.where(m.const == value, m.const, np.nan)
+    const = m.const
+    if mode == "constant" and pads.any():
+        t.approximate(m.elems[~np.isnan(const) & (const != value)])  # the padded border holds ``value``
     t.set_map(node, node.outputs[0], m.axis, m.elems, const)
 
 

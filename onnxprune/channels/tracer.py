@@ -17,8 +17,9 @@ from .union_find import UnionFind
 
 
 class Tracer:
-    def __init__(self, shapes: dict[str, tuple[int, ...]], opset: int) -> None:
+    def __init__(self, shapes: dict[str, tuple[int, ...]], opset: int, keep_bias: bool = True) -> None:
         self.opset = opset
+        self.keep_bias = keep_bias
         self.uf = UnionFind()
         self.shapes = shapes
         self.maps: dict[str, ChannelMap] = {}
@@ -82,3 +83,7 @@ class Tracer:
         self.folds.append(fold)
         if not fold.exact:
             self.inexact.update(fold.elems.tolist())
+
+    def approximate(self, elems: np.ndarray) -> None:
+        """Removing these elements is exact only away from padded borders."""
+        self.inexact.update(np.asarray(elems).tolist())
