@@ -91,9 +91,17 @@ def _runs(model: onnx.ModelProto, inp: str, shape: tuple[int, ...]) -> str | Non
 
 
 def _onnxsim_at(orig: onnx.ModelProto, ratio: float, inp: str, shape) -> tuple[onnx.ModelProto | None, float, str]:
-    """onnxsim structured pruning bisected to remove ``ratio`` of parameters (None if it declines or breaks)."""
+    """onnxsim structured pruning bisected to remove ``ratio`` of parameters (None if it declines or breaks).
+
+    The graph is simplified with onnxsim first, its best case: on unsimplified exports (Identity-fed
+    weights) its pruning writes invalid models at almost any sparsity.
+    """
     import onnxsim
     p0 = count_params(orig)
+    try:
+        orig, _ = onnxsim.simplify(orig)
+    except Exception:
+        pass
     lo, hi, best, broken = 0.0, 0.95, None, None
     for _ in range(12):
         s = (lo + hi) / 2

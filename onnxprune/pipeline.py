@@ -156,6 +156,9 @@ def slim(model: ModelLike, ratio: float, *, criterion: str = DEFAULT_CRITERION, 
     arrays = {n: v.const_value.numpy() for n, v in prep.model.graph.initializers.items() if v.const_value is not None}
     bn_scales = {n.name: n.inputs[1].name for n in prep.model.graph if n.op_type == "BatchNormalization"}
     scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales))
+    if criterion in ("bn", "double") and not prep.bn_gamma and not bn_scales:
+        warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
+                     "BN-γ is unavailable, L2 magnitude was used")
     already = params_in - analysis.total_params()  # removed by preparation (BN folding, constant folding)
     target = max(0, int(round(ratio * params_in)) - already) if ratio > 0 else 0
     say("allocating the parameter budget")
