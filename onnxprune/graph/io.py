@@ -56,13 +56,8 @@ def save_atomic(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, p
     for p in protect or []:
         if Path(p).exists() and out.exists() and out.resolve() == Path(p).resolve():
             raise OnnxPruneError(f"refusing to overwrite the input model {p}; choose another output path with -o")
-    check_writable(out)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-    except OSError as exc:
-        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         if proto.ByteSize() > _EXTERNAL_DATA_THRESHOLD:
             # External data lands beside the final name; the model file itself still appears atomically.
             onnx.save(proto, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -70,6 +65,20 @@ def save_atomic(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, p
         else:
             with open(tmp, "wb") as f:
                 f.write(proto.SerializeToString())
+
+    return _atomic_write(out, write)
+
+
+def _atomic_write(out: Path, write) -> Path:
+    """Run ``write(tmp)`` on a temporary file beside ``out``, then rename it over ``out``."""
+    check_writable(out)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
+        os.close(fd)
+    except OSError as exc:
+        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
+    try:
+        write(tmp)
         os.replace(tmp, out)
     except OSError as exc:
         raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -95,22 +104,10 @@ def check_writable(path: str | os.PathLike) -> None:
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file (a report) atomically, with the same one-line errors as models."""
-    out = Path(path)
-    check_writable(out)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
-    except OSError as exc:
-        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return _atomic_write(Path(path), write)
 
 
 def _first_line(exc: BaseException) -> str:
