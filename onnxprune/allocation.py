@@ -78,12 +78,14 @@ def allowed_sizes(n: int, fixed: int, round_to: int, min_keep_frac: float) -> li
 
 def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed: int, *,
              round_to: int = 16, min_keep_frac: float = 0.1, tolerance: int = 0,
-             chunk_guard: bool = True) -> Allocation:
+             chunk_guard: bool = True, sensitivity: dict | None = None) -> Allocation:
     """Choose units to remove so that about ``target_removed`` parameters go.
 
     Greedy over steps: each group offers its next step (the lowest-scored units that bring its
-    width to the next allowed size); the globally least important step is taken while it fits in
-    ``target_removed + tolerance``.
+    width to the next allowed size); the globally cheapest step is taken while it fits in
+    ``target_removed + tolerance``. Without ``sensitivity`` a step costs its mean group-normalised
+    score; with it (group id -> :class:`~onnxprune.sensitivity.GroupSensitivity`) a step costs the
+    output distortion it adds per parameter it saves.
     """
     counter = ParamCounter(analysis)
     plans: dict[int, list[list[int]]] = {}
@@ -109,11 +111,21 @@ def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed
             step_scores[group.id] = [float(np.mean([scores.get(u, 0.0) for u in s]) / mean) for s in steps]
 
     guard = _ChunkGuard(analysis) if chunk_guard else None
-    heap = [(step_scores[g][0], g, 0) for g in plans]
+    per_group = {g.id: (len(g.units), len(g.units)) for g in analysis.groups}
+    n_prunable = {g.id: sum(analysis.units[u].prunable for u in g.units) for g in analysis.groups}
+
+    def cost(g: int, i: int) -> float:
+        if sensitivity is None or g not in sensitivity:
+            return step_scores[g][i] if sensitivity is None else float("inf")
+        gone = per_group[g][0] - per_group[g][1]
+        n = max(n_prunable[g], 1)
+        added = sensitivity[g].at((gone + len(plans[g][i])) / n) - sensitivity[g].at(gone / n)
+        return added / max(counter.gain(plans[g][i]), 1)
+
+    heap = [(cost(g, 0), g, 0) for g in plans]
     heapq.heapify(heap)
     removed: set[int] = set()
     saved = 0
-    per_group = {g.id: (len(g.units), len(g.units)) for g in analysis.groups}
     while heap and saved < target_removed - tolerance // 2:
         _, g, i = heapq.heappop(heap)
         step = plans[g][i]
@@ -128,7 +140,7 @@ def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed
         before, after = per_group[g]
         per_group[g] = (before, after - len(step))
         if i + 1 < len(plans[g]) and len(step) == len(plans[g][i]):
-            heapq.heappush(heap, (step_scores[g][i + 1], g, i + 1))
+            heapq.heappush(heap, (cost(g, i + 1), g, i + 1))
     return Allocation(removed, counter.total, saved, target_removed, per_group)
 
 

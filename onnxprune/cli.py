@@ -16,7 +16,10 @@ from . import __version__
 from .errors import ConfigError, OnnxPruneError
 from .graph.io import check_writable
 from .graph.shapes import parse_input_shape
-from .pipeline import DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
+from .calibration import PRESETS, Preprocess, load_calibration, parse_floats, parse_size
+from .fidelity import TASKS
+from .graph.io import load_proto
+from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
 from .report import write_json
 from .saliency.criteria import DESCRIPTIONS
 
@@ -71,6 +74,34 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _calibration(args: argparse.Namespace, model: str, progress: "_Progress"):
+    """Load --calib with the preprocessing options, or None; options without --calib are an error."""
+    given = {k: getattr(args, k) for k in ("preset", "size", "mean", "std", "channel_order", "layout", "resize")
+             if getattr(args, k) is not None}
+    if args.calib is None:
+        if given:
+            raise ConfigError(f"--{next(iter(given)).replace('_', '-')} only applies with --calib")
+        return None
+    pre = None
+    if given.keys() - {"preset"}:
+        from dataclasses import replace
+        base = PRESETS[args.preset] if args.preset else Preprocess()
+        fields = {}
+        if args.size:
+            fields["size"] = parse_size(args.size)
+        if args.mean:
+            fields["mean"] = parse_floats(args.mean)
+        if args.std:
+            fields["std"] = parse_floats(args.std)
+        for k in ("channel_order", "layout", "resize"):
+            if getattr(args, k):
+                fields[k] = getattr(args, k)
+        pre = replace(base, **fields)
+    progress("loading calibration data")
+    return load_calibration(args.calib, load_proto(model), count=args.calib_count, seed=args.seed,
+                            preprocess=pre, preset=None if pre is not None else args.preset)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxprune", description="Structured channel pruning of ONNX models (face detectors and recognizers).")
@@ -92,11 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
     p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
     p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
-    p.add_argument("--criterion", default=DEFAULT_CRITERION, help=f"channel importance (default {DEFAULT_CRITERION}). {crit}")
+    p.add_argument("--criterion", default=None,
+                   help=f"channel importance (default {DEFAULT_CRITERION}, or {CALIBRATED_CRITERION} with --calib). {crit}")
     p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N",
                    help=f"keep channel counts multiples of N (default {DEFAULT_ROUND_TO}: fastest on ONNX Runtime CPU kernels)")
     p.add_argument("--min-keep", type=float, default=0.1, metavar="FRAC",
                    help="keep at least this share of every layer's channels (default 0.1)")
+
+    cal = p.add_argument_group("calibration (unlabelled samples: better channel choice, recovery, fidelity report)")
+    cal.add_argument("--calib", metavar="PATH", help="folder of images (jpg/png/bmp), one image, or .npy/.npz in the model's input format")
+    cal.add_argument("--calib-count", type=int, default=64, metavar="N", help="samples to use (default 64)")
+    cal.add_argument("--seed", type=int, default=0, help="which images are picked, deterministically (default 0)")
+    cal.add_argument("--preset", choices=sorted(PRESETS), help="preprocessing of a face-model family")
+    cal.add_argument("--size", metavar="HxW", help="image size fed to the model (default: preset or model input)")
+    cal.add_argument("--mean", metavar="A,B,C", help="per-channel mean subtracted (in --channel-order)")
+    cal.add_argument("--std", metavar="A,B,C", help="per-channel divisor")
+    cal.add_argument("--channel-order", choices=["rgb", "bgr"])
+    cal.add_argument("--layout", choices=["nchw", "nhwc"])
+    cal.add_argument("--resize", choices=["letterbox", "resize"], help="letterbox keeps the aspect ratio (pads with the mean)")
+    cal.add_argument("--allocation", choices=["auto", "uniform", "sensitivity"], default="auto",
+                     help="how the budget is spread: per-group sensitivity scan (default with --calib) or global ranking")
+    cal.add_argument("--no-recover", action="store_true", help="do not refit the layers after removed channels")
+    cal.add_argument("--holdout", type=float, default=0.25, metavar="F",
+                     help="share of the samples kept out of fitting to measure fidelity (default 0.25)")
+    cal.add_argument("--task", choices=list(TASKS), default="auto", help="fidelity metric (default: guessed from outputs)")
+    cal.add_argument("--workers", type=int, default=2, metavar="N", help="parallel workers for the sensitivity scan")
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
@@ -119,9 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_writable(output)
             if args.json:
                 check_writable(args.json)
+            calibration = _calibration(args, model, progress)
             result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
                           input_shapes=shapes, min_keep=args.min_keep, simplify=not args.no_simplify,
-                          progress=progress)
+                          calibration=calibration, allocation=args.allocation,
+                          recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
+                          workers=args.workers, progress=progress)
             progress("writing")
             result.save(output, protect=[model])
             result.report.output = str(output)

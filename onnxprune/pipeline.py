@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -16,19 +17,25 @@ import onnx
 import onnx_ir as ir
 
 from .allocation import allocate
+from .calibration import CalibrationSet
+from .calibration.activations import consumer_moments, fixed_batch, session
+from .fidelity import TASKS, FidelityReport, evaluate
+from .passes.reconstruct import LayerFit, reconstruct
+from .sensitivity import scan
 from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError, NothingToPruneError
 from .graph.io import ModelLike, load_proto, save_atomic
 from .graph.metrics import count_macs, count_params
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
 from .passes import cleanup, fold_batchnorm, remove_channels
-from .report import AnalysisReport, GroupReport, LayerReport, SlimReport
-from .saliency.criteria import ScoreContext, get_criterion
+from .report import AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport
+from .saliency.criteria import NEEDS_CALIBRATION, ScoreContext, get_criterion
 from .verify import verify
 
 # Channel counts are kept multiples of this by default: see benchmarks/channel_rounding.py and README.
 DEFAULT_ROUND_TO = 16
-DEFAULT_CRITERION = "l2"
+DEFAULT_CRITERION = "l2"  # without calibration data
+CALIBRATED_CRITERION = "activation"  # with it
 TOLERANCE = 0.01  # the achieved ratio lands within ±1% of parameters of the target
 
 Progress = Callable[[str], None]
@@ -126,22 +133,28 @@ def _group_reports(analysis: ChannelAnalysis) -> list[GroupReport]:
     return out
 
 
-def slim(model: ModelLike, ratio: float, *, criterion: str = DEFAULT_CRITERION, round_to: int = DEFAULT_ROUND_TO,
+def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_to: int = DEFAULT_ROUND_TO,
          exclude: Sequence[str] = (), input_shapes: Mapping[str, Shape] | None = None, min_keep: float = 0.1,
-         simplify: bool = True, progress: Progress | None = None) -> SlimResult:
+         simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
+         recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
+         executor: Executor | None = None, progress: Progress | None = None) -> SlimResult:
     """Remove about ``ratio`` of the model's parameters by deleting whole channels.
+
+    With ``calibration`` (unlabelled samples in the model's input format, see
+    :func:`onnxprune.calibration.load_calibration`) channels are scored on activations, the budget
+    is spread by a per-group sensitivity scan, removed channels are replaced by their mean, the
+    layers after them are refitted by least squares, and a held-out part of the samples measures
+    how close the result stays to the original. Without it, weight criteria only.
 
     Returns the smaller model (same inputs and outputs, symbolic dims kept) and a report. Raises
     :class:`~onnxprune.errors.OnnxPruneError` subclasses for bad input.
     """
     start = time.perf_counter()
-    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise ConfigError(f"--ratio must be in [0, 1) (share of parameters removed), got {ratio}")
-    if not isinstance(round_to, int) or round_to < 1:
-        raise ConfigError(f"--round-to must be a positive integer, got {round_to}")
-    if not 0 <= min_keep <= 1:
-        raise ConfigError(f"min_keep must be in [0, 1], got {min_keep}")
+    _check_options(ratio, round_to, min_keep, allocation, task, holdout)
+    criterion = criterion or (CALIBRATED_CRITERION if calibration is not None else DEFAULT_CRITERION)
     score_fn = get_criterion(criterion)
+    if criterion in NEEDS_CALIBRATION and calibration is None:
+        raise ConfigError(f"criterion {criterion} needs calibration data (--calib)")
     say = progress or (lambda _: None)
     prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
     say("analysing channel dependencies")
@@ -151,26 +164,52 @@ def slim(model: ModelLike, ratio: float, *, criterion: str = DEFAULT_CRITERION, 
         reasons = sorted({r for g in analysis.groups for r in g.reasons})
         raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
 
+    calib = _Calib.split(calibration, holdout, prep) if calibration is not None else None
+    if calib is None:
+        warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
+    moments = None
+    if calib is not None:
+        say(f"collecting activation statistics on {calib.count} samples")
+        moments = consumer_moments(prep.model, analysis, calib.input_name, calib.batches)
     params_in = count_params(prep.original)
     say(f"scoring channels ({criterion})")
     arrays = {n: v.const_value.numpy() for n, v in prep.model.graph.initializers.items() if v.const_value is not None}
     bn_scales = {n.name: n.inputs[1].name for n in prep.model.graph if n.op_type == "BatchNormalization"}
-    scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales))
+    scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales, moments))
     if criterion in ("bn", "double") and not prep.bn_gamma and not bn_scales:
         warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
                      "BN-γ is unavailable, L2 magnitude was used")
+    means = {k: moments.mean(k) for k in moments.axes} if moments is not None else None
     already = params_in - analysis.total_params()  # removed by preparation (BN folding, constant folding)
     target = max(0, int(round(ratio * params_in)) - already) if ratio > 0 else 0
+
+    sensitivity = None
+    mode = ("sensitivity" if calib is not None else "uniform") if allocation == "auto" else allocation
+    if mode == "sensitivity" and target > 0:
+        if calib is None:
+            raise ConfigError("--allocation sensitivity needs calibration data (--calib)")
+        sensitivity = scan(prep.model, analysis, scores, calib.input_name, calib.scan_batches, input_means=means,
+                           executor=executor, workers=workers,
+                           progress=lambda i, n: say(f"sensitivity scan {i}/{n}"))
     say("allocating the parameter budget")
-    alloc, used_round_to = _allocate_rounded(analysis, scores, target, round_to, min_keep, int(TOLERANCE * params_in))
+    alloc, used_round_to = _allocate_rounded(analysis, scores, target, round_to, min_keep, int(TOLERANCE * params_in),
+                                             sensitivity)
     if used_round_to != round_to:
         warns.append(f"--round-to {round_to} cannot reach the target on this model; used {used_round_to} "
                      "(layers narrower than the rounding cannot shrink)")
     say(f"removing {len(alloc.removed)} channel units")
-    pruned_ir, record = remove_channels(prep.model, analysis, alloc.removed)
+    pruned_ir, record = remove_channels(prep.model, analysis, alloc.removed, input_means=means)
+    refits: list[LayerFit] = []
+    if calib is not None and (recover is None or recover) and alloc.removed:
+        say("refitting layers on calibration data")
+        pruned_ir, rec = reconstruct(prep.model, pruned_ir, analysis, alloc.removed, calib.input_name, calib.batches)
+        refits = rec.layers
+    elif recover and calib is None:
+        raise ConfigError("--recover needs calibration data (--calib)")
     pruned = _finalize(ir.to_proto(pruned_ir), prep.original)
     say("verifying the output model")
     check = verify(prep.original, pruned, prep.input_shapes)
+    fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
 
     params_out = count_params(pruned)
     achieved = 1 - params_out / params_in if params_in else 0.0
@@ -188,12 +227,93 @@ def slim(model: ModelLike, ratio: float, *, criterion: str = DEFAULT_CRITERION, 
         unprunable=[g for g in _group_reports(analysis) if not g.prunable],
         excluded=list(exclude), output_rel_error=check.output_rel_error, preprocessing=prep.steps,
         folded_biases=record.folded_biases, inexact_folds=record.inexact_folds, warnings=warns,
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, allocation=mode,
+        calibration=calib.describe() if calib is not None else None,
+        sensitivity=_sensitivity_report(analysis, sensitivity, alloc) if sensitivity else [],
+        refits=[RefitReport(f.node, f.error_before, f.error_after) for f in refits],
+        fidelity=fidelity.to_dict() if fidelity is not None else None,
+        fidelity_summary=fidelity.summary() if fidelity is not None else "")
     return SlimResult(pruned, report)
 
 
+def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:
+    if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+        raise ConfigError(f"--ratio must be in [0, 1) (share of parameters removed), got {ratio}")
+    if not isinstance(round_to, int) or round_to < 1:
+        raise ConfigError(f"--round-to must be a positive integer, got {round_to}")
+    if not 0 <= min_keep <= 1:
+        raise ConfigError(f"min_keep must be in [0, 1], got {min_keep}")
+    if allocation not in ("auto", "uniform", "sensitivity"):
+        raise ConfigError(f"--allocation must be auto, uniform or sensitivity, got {allocation!r}")
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"--holdout must be in [0, 1), got {holdout}")
+
+
+@dataclass
+class _Calib:
+    """Calibration samples split into a fitting part and a held-out part for the fidelity report."""
+
+    input_name: str
+    fit: np.ndarray
+    held: np.ndarray
+    source: CalibrationSet
+    batch: int = 8
+
+    @classmethod
+    def split(cls, data: CalibrationSet, holdout: float, prep: Prepared) -> "_Calib":
+        if data.name not in prep.input_shapes:
+            raise ConfigError(f"calibration data is for input {data.name!r}; model inputs: {sorted(prep.input_shapes)}")
+        if len(prep.input_shapes) != 1:
+            raise ConfigError("calibration needs a single-input model")
+        samples = data.samples()
+        n_held = int(round(holdout * len(samples))) if len(samples) >= 4 else 0
+        order = np.random.default_rng(0).permutation(len(samples))
+        held, fit = samples[order[:n_held]], samples[order[n_held:]]
+        return cls(data.name, fit, held, data)
+
+    @property
+    def count(self) -> int:
+        return len(self.fit)
+
+    @property
+    def batches(self) -> list[np.ndarray]:
+        return [self.fit[i:i + self.batch] for i in range(0, len(self.fit), self.batch)]
+
+    @property
+    def scan_batches(self) -> list[np.ndarray]:
+        return [self.fit[:16]]  # the scan ranks groups; a few samples suffice and keep it fast
+
+    def evaluate(self, original: onnx.ModelProto, pruned: onnx.ModelProto, task: str) -> FidelityReport | None:
+        data = self.held if len(self.held) else self.fit
+        ref_sess, new_sess = session(original), session(pruned)
+        names = [o.name for o in ref_sess.get_outputs()]
+        one = fixed_batch(original)
+        pieces = [data[i:i + 1] for i in range(len(data))] if one else [data[i:i + self.batch] for i in range(0, len(data), self.batch)]
+        ref = [np.concatenate(x) for x in zip(*(ref_sess.run(None, {self.input_name: p}) for p in pieces))]
+        got = [np.concatenate(x) for x in zip(*(new_sess.run(None, {self.input_name: p}) for p in pieces))]
+        hw = tuple(data.shape[2:4]) if data.ndim == 4 and data.shape[1] in (1, 3) else tuple(data.shape[1:3])
+        return evaluate(ref, got, names, hw, task)
+
+    def describe(self) -> dict:
+        return {"samples": len(self.fit) + len(self.held), "fit": len(self.fit), "held_out": len(self.held),
+                "files": self.source.files[:3] + (["..."] if len(self.source.files) > 3 else []),
+                "preprocess": str(self.source.preprocess) if self.source.preprocess else "array, used as is",
+                "notes": list(self.source.notes)}
+
+
+def _sensitivity_report(analysis: ChannelAnalysis, sensitivity: dict, alloc) -> list[dict]:
+    rows = []
+    for gid, sens in sensitivity.items():
+        before, after = alloc.per_group.get(gid, (0, 0))
+        rows.append({"group": gid, "layers": analysis.groups[gid].layers, "fractions": sens.fractions,
+                     "distortion": sens.distortion, "channels_before": before, "channels_after": after})
+    return rows
+
+
 def _allocate_rounded(analysis: ChannelAnalysis, scores: dict[int, float], target: int, round_to: int,
-                      min_keep: float, tolerance: int):
+                      min_keep: float, tolerance: int, sensitivity: dict | None = None):
     """Allocate at ``round_to``, halving it only if the target is out of reach at that granularity.
 
     Speed prefers coarse widths, but the ratio is the user's contract: small models (MTCNN's
@@ -202,7 +322,8 @@ def _allocate_rounded(analysis: ChannelAnalysis, scores: dict[int, float], targe
     best = None
     r = round_to
     while True:
-        alloc = allocate(analysis, scores, target, round_to=r, min_keep_frac=min_keep, tolerance=tolerance)
+        alloc = allocate(analysis, scores, target, round_to=r, min_keep_frac=min_keep, tolerance=tolerance,
+                         sensitivity=sensitivity)
         if best is None or abs(alloc.params_removed - target) < abs(best[0].params_removed - target):
             best = (alloc, r)
         if abs(alloc.params_removed - target) <= tolerance or r == 1:

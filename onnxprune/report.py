@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ class LayerReport:
     node: str
     before: int
     after: int
+
+
+@dataclass
+class RefitReport:
+    node: str
+    error_before: float  # relative squared error of the layer's output on calibration data
+    error_after: float
 
 
 @dataclass
@@ -83,6 +91,12 @@ class SlimReport:
     inexact_folds: int = 0
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    allocation: str = "uniform"
+    calibration: dict | None = None
+    sensitivity: list[dict] = field(default_factory=list)
+    refits: list[RefitReport] = field(default_factory=list)
+    fidelity: dict | None = None
+    fidelity_summary: str = ""
 
     @property
     def mac_ratio(self) -> float:
@@ -117,7 +131,17 @@ class SlimReport:
                 lines.append(f"  ... {len(self.unprunable) - 10} more (onnxprune analyze shows all)")
         if self.folded_biases:
             lines.append(f"bias folds: {self.folded_biases} ({self.inexact_folds} exact only away from padded borders)")
-        if self.output_rel_error:
+        if self.calibration:
+            c = self.calibration
+            lines.append(f"calibration: {c['fit']} samples to fit, {c['held_out']} held out; allocation {self.allocation}")
+            lines += [f"  note: {n}" for n in c.get("notes", [])]
+        if self.refits:
+            before = sum(r.error_before for r in self.refits) / len(self.refits)
+            after = sum(r.error_after for r in self.refits) / len(self.refits)
+            lines.append(f"refitted {len(self.refits)} layers: mean relative output error {before:.3f} -> {after:.3f}")
+        if self.fidelity_summary:
+            lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
+        if self.output_rel_error and not self.fidelity_summary:
             worst = max(self.output_rel_error.items(), key=lambda kv: kv[1])
             lines.append(f"output drift on a random input: max relative error {worst[1]:.3g} ({worst[0]})")
         lines += [f"warning: {w}" for w in self.warnings]
@@ -127,7 +151,18 @@ class SlimReport:
 
 def write_json(report: AnalysisReport | SlimReport, path: str | Path) -> None:
     from .graph.io import write_text_atomic
-    write_text_atomic(json.dumps(report.to_dict(), indent=2), path)
+    write_text_atomic(json.dumps(_finite(report.to_dict()), indent=2), path)
+
+
+def _finite(value: Any) -> Any:
+    """Strict JSON has no Infinity/NaN: write them as strings ("inf" SQNR means identical outputs)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _shapes(shapes: dict[str, list[int]]) -> str:

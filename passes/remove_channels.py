@@ -33,8 +33,14 @@ class RemovalRecord:
     inexact_folds: int = 0
 
 
-def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int] | list[int]) -> tuple[ir.Model, RemovalRecord]:
-    """Return a copy of ``model`` without the channel units in ``removed`` (unit ids)."""
+def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int] | list[int], *,
+                    input_means: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, RemovalRecord]:
+    """Return a copy of ``model`` without the channel units in ``removed`` (unit ids).
+
+    ``input_means`` (consumer input tensor -> mean per channel position, from calibration data)
+    replaces each removed channel by its mean activation instead of its masked constant: the
+    bias compensation of channel pruning, which keeps the consumers' outputs unbiased.
+    """
     model = ir.from_proto(ir.to_proto(model))
     graph = model.graph
     nodes = {n.name: n for n in graph}
@@ -53,7 +59,12 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int
 
     arrays = {name: v.const_value.numpy().copy() for name, v in graph.initializers.items() if v.const_value is not None}
     slots = list(analysis.slots)
-    slots.extend(_fold_biases(graph, nodes, analysis, keep, arrays, record))
+    folds = analysis.folds
+    if input_means is not None:
+        folds = [_with_means(c, input_means[c.input]) if c.input in input_means else c for c in analysis.consumers]
+        covered = {c.node for c in analysis.consumers}
+        folds += [f for f in analysis.folds if f.node not in covered]
+    slots.extend(_fold_biases(graph, nodes, folds, analysis, keep, arrays, record))
 
     by_value: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for s in slots:
@@ -90,18 +101,29 @@ def _set_initializer(value: ir.Value, arr: np.ndarray) -> None:
     value.shape = ir.Shape(arr.shape)
 
 
-def _fold_biases(graph, nodes, analysis: ChannelAnalysis, keep, arrays, record: RemovalRecord) -> list[ParamSlot]:
+def _with_means(consumer, means: np.ndarray):
+    """The consumer's fold record with calibration means in place of masked constants."""
+    from dataclasses import replace
+    means = np.asarray(means, np.float64)
+    if len(means) != len(consumer.positions):
+        return consumer
+    return replace(consumer, const=np.where(np.isnan(consumer.const), np.nan, means))
+
+
+def _fold_biases(graph, nodes, folds, analysis: ChannelAnalysis, keep, arrays, record: RemovalRecord) -> list[ParamSlot]:
     """Add what removed constant channels contributed to each consumer's bias; new bias slots."""
     new_slots: list[ParamSlot] = []
     out_slots = {s.node: s for s in analysis.slots if s.role == "out"}
-    for fold in analysis.folds:
+    for fold in folds:
         gone = ~keep(fold.elems)
         if not gone.any():
             continue
         node = nodes[fold.node]
         W = arrays[fold.weight].astype(np.float64)  # still the original, unsliced weight
-        c = fold.const[gone]
+        c = np.nan_to_num(fold.const[gone])
         p = fold.positions[gone]
+        if not c.any():
+            continue
         if fold.kind == "conv":
             delta = W[:, p].reshape(W.shape[0], len(p), -1).sum(axis=2) @ c
         elif fold.kind == "grouped":

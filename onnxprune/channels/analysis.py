@@ -35,6 +35,7 @@ class ChannelAnalysis:
     inexact: set[int] = field(default_factory=set)  # units whose removal is exact only away from borders
     unmatched_excludes: list[str] = field(default_factory=list)
     keep_bias: bool = True  # removed channels output their bias (folded forward), not zero
+    consumers: list[BiasFold] = field(default_factory=list)  # foldable readers, with every position
 
     def roots(self, elems: np.ndarray) -> np.ndarray:
         return self.root[elems]
@@ -120,7 +121,7 @@ def analyze_channels(model: ir.Model, shapes: dict[str, tuple[int, ...]], exclud
     }
     inexact = {int(root[e]) for e in t.inexact}
     return ChannelAnalysis(units, groups, t.slots, t.folds, t.group_edits, t.axis_edits, root,
-                           value_shapes, inexact, unmatched, keep_bias)
+                           value_shapes, inexact, unmatched, keep_bias, t.consumers)
 
 
 def _close_shared_slots(t: Tracer) -> None:

@@ -55,6 +55,7 @@ class BiasFold:
     const: np.ndarray
     bias: str | None  # initializer receiving the fold; None: the consumer has no bias yet (create one)
     exact: bool  # False where zero padding makes the contribution vary near borders
+    input: str = ""  # the consumer's input tensor (calibration statistics are taken there)
 
 
 @dataclass

@@ -69,6 +69,9 @@ def _consume(t: Tracer, node: ir.Node, m, weight: ir.Value, in_axis: int, kind: 
     """
     t.slot(node, weight, in_axis, m.elems, "in")
     c = m.const
+    if can_fold:  # where calibration means, rather than masked constants, may be folded
+        t.consumers.append(BiasFold(node.name, kind, weight.name, in_axis, m.elems, np.arange(len(c)), c,
+                                    bias.name if bias is not None else None, exact, node.inputs[0].name))  # type: ignore[arg-type]
     bad = _nonconst(c)
     if bad.any():
         t.block(m.elems[bad], f"channel is not constant when masked, read by {node.name}")
@@ -152,6 +155,9 @@ def conv(node: ir.Node, t: Tracer) -> None:
         if np.isnan(c).any():
             t.block(m.elems[np.isnan(c)], f"channel is not constant when masked, read by {node.name}")
         nz = ~np.isnan(c) & (c != 0)
+        if _bias_foldable(node, b):
+            t.consumers.append(BiasFold(node.name, "grouped", w.name, 1, m.elems, np.arange(len(c)), c,
+                                        b.name if b is not None else None, not padded, x.name))
         if nz.any():
             if _bias_foldable(node, b):
                 t.fold(BiasFold(node.name, "grouped", w.name, 1, m.elems[nz], np.flatnonzero(nz), c[nz],

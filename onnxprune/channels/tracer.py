@@ -25,6 +25,7 @@ class Tracer:
         self.maps: dict[str, ChannelMap] = {}
         self.slots: list[ParamSlot] = []
         self.folds: list[BiasFold] = []
+        self.consumers: list[BiasFold] = []  # every foldable reader of tracked channels, all positions
         self.group_edits: list[GroupEdit] = []
         self.axis_edits: list[AxisEdit] = []
         self.block_reasons: dict[int, list[str]] = defaultdict(list)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -23,6 +23,7 @@ class ScoreContext:
     arrays: dict[str, np.ndarray]  # initializer values of the analysed model
     bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)  # conv node -> γ of the BN folded into it
     bn_scale_inputs: dict[str, str] = field(default_factory=dict)  # BN node -> its scale initializer
+    moments: Any = None  # calibration.activations.ChannelMoments, for data-aware criteria
 
 
 class Criterion(Protocol):
@@ -33,10 +34,15 @@ CRITERIA: dict[str, Criterion] = {}
 DESCRIPTIONS: dict[str, str] = {}
 
 
-def register_criterion(name: str, description: str) -> Callable[[Criterion], Criterion]:
+NEEDS_CALIBRATION: set[str] = set()
+
+
+def register_criterion(name: str, description: str, *, needs_calibration: bool = False) -> Callable[[Criterion], Criterion]:
     def register(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
         DESCRIPTIONS[name] = description
+        if needs_calibration:
+            NEEDS_CALIBRATION.add(name)
         return fn
     return register
 
@@ -123,4 +129,35 @@ def double(ctx: ScoreContext) -> dict[int, float]:
         mm = np.mean([m[u] for u in group.units]) or 1.0
         for u in group.units:
             scores[u] = float(np.sqrt((b[u] / bm) * (m[u] / mm)))
+    return scores
+
+
+@register_criterion("activation", "calibration output energy: Var(activation) x |consumer weights|^2, the "
+                    "error of replacing the channel by its mean (needs --calib)", needs_calibration=True)
+def activation(ctx: ScoreContext) -> dict[int, float]:
+    if ctx.moments is None:
+        raise ConfigError("criterion activation needs calibration data (--calib)")
+    a = ctx.analysis
+    energy: dict[int, float] = defaultdict(float)
+    covered: set[int] = set()
+    for c in a.consumers:
+        if c.input not in ctx.moments.axes:
+            continue
+        W = ctx.arrays[c.weight].astype(np.float64)
+        per_pos = (np.moveaxis(W, c.in_axis, 0).reshape(W.shape[c.in_axis], -1) ** 2).sum(axis=1)
+        var = ctx.moments.var(c.input)
+        if len(var) != len(c.elems):
+            continue
+        if c.kind == "grouped":  # weight column i serves input i of every group
+            per_pos = np.tile(per_pos, len(c.elems) // len(per_pos))
+        roots = a.root[c.elems]
+        for u, e in zip(roots.tolist(), (var * per_pos).tolist()):
+            energy[u] += e
+            covered.add(u)
+    fallback = _magnitude(ctx, 2.0)
+    scores: dict[int, float] = {}
+    for group in a.groups:
+        use = all(u in covered for u in group.units)
+        for u in group.units:
+            scores[u] = float(energy[u]) if use else fallback[u]
     return scores

