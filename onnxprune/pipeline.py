@@ -175,7 +175,9 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
     say(f"scoring channels ({criterion})")
     arrays = {n: v.const_value.numpy() for n, v in prep.model.graph.initializers.items() if v.const_value is not None}
     bn_scales = {n.name: n.inputs[1].name for n in prep.model.graph if n.op_type == "BatchNormalization"}
-    scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales, moments))
+    scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales, moments, prep.model,
+                                   calib.batches if calib is not None else None,
+                                   calib.input_name if calib is not None else ""))
     if criterion in ("bn", "double") and not prep.bn_gamma and not bn_scales:
         warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
                      "BN-γ is unavailable, L2 magnitude was used")

@@ -51,7 +51,7 @@ class _Target:
 
 def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis, removed: set[int],
                 input_name: str, batches: Iterable[np.ndarray], *, ridge: float = 1e-3, rows_per_image: int = 256,
-                seed: int = 0) -> tuple[ir.Model, ReconstructRecord]:
+                seed: int = 0, min_rows_per_unknown: float = 4.0) -> tuple[ir.Model, ReconstructRecord]:
     """Return a copy of ``pruned`` whose consumers of removed channels are refitted."""
     pruned = ir.from_proto(ir.to_proto(pruned))
     record = ReconstructRecord()
@@ -63,7 +63,7 @@ def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis,
     # layers before it, so errors do not compound (fitting all at once made outputs worse).
     for t in targets:
         _accumulate(original, pruned, [t], input_name, batches, rows_per_image, seed)
-        _solve(pruned, {n.name: n for n in pruned.graph}[t.node], t, ridge, record)
+        _solve(pruned, {n.name: n for n in pruned.graph}[t.node], t, ridge, record, min_rows_per_unknown)
     return pruned, record
 
 

@@ -24,6 +24,9 @@ class ScoreContext:
     bn_gamma: dict[str, np.ndarray] = field(default_factory=dict)  # conv node -> γ of the BN folded into it
     bn_scale_inputs: dict[str, str] = field(default_factory=dict)  # BN node -> its scale initializer
     moments: Any = None  # calibration.activations.ChannelMoments, for data-aware criteria
+    model: Any = None  # the analysed onnx_ir.Model (BN folded), for criteria that run it
+    batches: list[np.ndarray] | None = None  # calibration batches in the model's input format
+    input_name: str = ""
 
 
 class Criterion(Protocol):
