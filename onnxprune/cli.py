@@ -20,7 +20,9 @@ from .calibration import PRESETS, Preprocess, load_calibration, parse_floats, pa
 from .fidelity import TASKS
 from .graph.io import load_proto
 from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
-from .report import write_json
+from .int8 import DEFAULT_THRESHOLDS, quantize
+from .quantization import THRESHOLDS
+from .report import CombinedReport, write_json
 from .saliency.criteria import DESCRIPTIONS
 
 SAMPLE_PREFIX = "sample:"
@@ -40,9 +42,9 @@ def _model_arg(spec: str) -> str:
         raise ConfigError(f"sample {name} is unavailable: {exc}") from None
 
 
-def _default_output(model: str) -> Path:
+def _default_output(model: str, suffix: str = ".slim.onnx") -> Path:
     p = Path(model)
-    return p.with_name(p.stem + ".slim.onnx") if p.suffix == ".onnx" else p.with_name(p.name + ".slim.onnx")
+    return p.with_name(p.stem + suffix) if p.suffix == ".onnx" else p.with_name(p.name + suffix)
 
 
 def _shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
@@ -118,19 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
-    crit = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
-    p = sub.add_parser("slim", parents=[common], help="remove channels to shrink a model",
-                       description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
-    p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
-    p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
-    p.add_argument("--criterion", default=None,
-                   help=f"channel importance (default {DEFAULT_CRITERION}, or {CALIBRATED_CRITERION} with --calib). {crit}")
-    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N",
-                   help=f"keep channel counts multiples of N (default {DEFAULT_ROUND_TO}: fastest on ONNX Runtime CPU kernels)")
-    p.add_argument("--min-keep", type=float, default=0.1, metavar="FRAC",
-                   help="keep at least this share of every layer's channels (default 0.1)")
-
-    cal = p.add_argument_group("calibration (unlabelled samples: better channel choice, recovery, fidelity report)")
+    calib = argparse.ArgumentParser(add_help=False)
+    cal = calib.add_argument_group("calibration (unlabelled samples in the model's input format)")
     cal.add_argument("--calib", metavar="PATH", help="folder of images (jpg/png/bmp), one image, or .npy/.npz in the model's input format")
     cal.add_argument("--calib-count", type=int, default=64, metavar="N", help="samples to use (default 64)")
     cal.add_argument("--seed", type=int, default=0, help="which images are picked, deterministically (default 0)")
@@ -141,13 +132,38 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--channel-order", choices=["rgb", "bgr"])
     cal.add_argument("--layout", choices=["nchw", "nhwc"])
     cal.add_argument("--resize", choices=["letterbox", "resize"], help="letterbox keeps the aspect ratio (pads with the mean)")
-    cal.add_argument("--allocation", choices=["auto", "uniform", "sensitivity"], default="auto",
-                     help="how the budget is spread: per-group sensitivity scan (default with --calib) or global ranking")
-    cal.add_argument("--no-recover", action="store_true", help="do not refit the layers after removed channels")
     cal.add_argument("--holdout", type=float, default=0.25, metavar="F",
                      help="share of the samples kept out of fitting to measure fidelity (default 0.25)")
     cal.add_argument("--task", choices=list(TASKS), default="auto", help="fidelity metric (default: guessed from outputs)")
-    cal.add_argument("--workers", type=int, default=2, metavar="N", help="parallel workers for the sensitivity scan")
+
+    crit = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
+    p = sub.add_parser("slim", parents=[common, calib], help="remove channels to shrink a model",
+                       description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
+    p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
+    p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
+    p.add_argument("--criterion", default=None,
+                   help=f"channel importance (default {DEFAULT_CRITERION}, or {CALIBRATED_CRITERION} with --calib). {crit}")
+    p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N",
+                   help=f"keep channel counts multiples of N (default {DEFAULT_ROUND_TO}: fastest on ONNX Runtime CPU kernels)")
+    p.add_argument("--min-keep", type=float, default=0.1, metavar="FRAC",
+                   help="keep at least this share of every layer's channels (default 0.1)")
+
+    p.add_argument("--allocation", choices=["auto", "uniform", "sensitivity"], default="auto",
+                   help="how the budget is spread: per-group sensitivity scan (default with --calib) or global ranking")
+    p.add_argument("--no-recover", action="store_true", help="do not refit the layers after removed channels")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="parallel workers for the sensitivity scan")
+    p.add_argument("--int8", action="store_true", help="then quantize to int8 (needs --calib; see `quantize`)")
+    p.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS,
+                   help=f"with --int8: how activation ranges are chosen (default {DEFAULT_THRESHOLDS})")
+
+    q = sub.add_parser("quantize", parents=[common, calib],
+                       help="static int8 quantization (QDQ) with calibrated activation ranges",
+                       description="Write an int8 QDQ model (ONNX Runtime's quantizer) with activation ranges chosen "
+                                   "on calibration data: mse (default), minmax, percentile, trained (PyTorch), "
+                                   "or ORT's own calibrators (ort-minmax, ort-percentile, ort-entropy).")
+    q.add_argument("-o", "--output", help="output path (default: IN.int8.onnx next to the input)")
+    q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
@@ -159,27 +175,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = _Progress(not args.quiet)
     try:
         model = _model_arg(args.model)
-        shapes = _shapes(args.input_shape)
         if args.command == "analyze":
-            report = analyze(model, input_shapes=shapes, exclude=args.exclude, simplify=not args.no_simplify,
-                             progress=progress)
+            report = analyze(model, input_shapes=_shapes(args.input_shape), exclude=args.exclude,
+                             simplify=not args.no_simplify, progress=progress)
         else:
-            output = Path(args.output) if args.output else _default_output(model)
-            if output.exists() and output.resolve() == Path(model).resolve():
-                raise ConfigError(f"refusing to overwrite the input model {model}; choose another -o")
-            check_writable(output)
-            if args.json:
-                check_writable(args.json)
-            calibration = _calibration(args, model, progress)
-            result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
-                          input_shapes=shapes, min_keep=args.min_keep, simplify=not args.no_simplify,
-                          calibration=calibration, allocation=args.allocation,
-                          recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
-                          workers=args.workers, progress=progress)
-            progress("writing")
-            result.save(output, protect=[model])
-            result.report.output = str(output)
-            report = result.report
+            report = _slim_or_quantize(args, model, progress)
         if args.json:
             write_json(report, args.json)
     except OnnxPruneError as exc:
@@ -194,6 +194,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.quiet:
         print(report.summary())
     return 0
+
+
+def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress):
+    int8 = args.command == "quantize" or args.int8
+    suffix = ".int8.onnx" if args.command == "quantize" else (".slim.int8.onnx" if int8 else ".slim.onnx")
+    output = Path(args.output) if args.output else _default_output(model, suffix)
+    if output.exists() and output.resolve() == Path(model).resolve():
+        raise ConfigError(f"refusing to overwrite the input model {model}; choose another -o")
+    check_writable(output)
+    if args.json:
+        check_writable(args.json)
+    calibration = _calibration(args, model, progress)
+    if int8 and calibration is None:
+        raise ConfigError("int8 quantization needs calibration data (--calib)")
+    if args.command == "quantize":
+        result = quantize(model, calibration, thresholds=args.thresholds, per_channel=not args.per_tensor,
+                          exclude=args.exclude, holdout=args.holdout, task=args.task, progress=progress)
+    else:
+        result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
+                      input_shapes=_shapes(args.input_shape), min_keep=args.min_keep, simplify=not args.no_simplify,
+                      calibration=calibration, allocation=args.allocation,
+                      recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
+                      workers=args.workers, progress=progress)
+        if int8:
+            slim_report = result.report
+            result = quantize(result.model, calibration, thresholds=args.thresholds, holdout=args.holdout,
+                              task=args.task, progress=progress)
+            result.report = CombinedReport(slim_report, result.report)
+    progress("writing")
+    result.save(output, protect=[model])
+    result.report.output = str(output)
+    return result.report
 
 
 if __name__ == "__main__":

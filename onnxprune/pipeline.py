@@ -18,12 +18,14 @@ import onnx_ir as ir
 
 from .allocation import allocate
 from .calibration import CalibrationSet
-from .calibration.activations import consumer_moments, fixed_batch, session
-from .fidelity import TASKS, FidelityReport, evaluate
+from .calibration.split import CalibrationSplit
+from .calibration.activations import consumer_moments
+from .fidelity import TASKS
 from .passes.reconstruct import LayerFit, reconstruct
 from .sensitivity import scan
 from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError, NothingToPruneError
+from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto, save_atomic
 from .graph.metrics import count_macs, count_params
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
@@ -164,7 +166,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         reasons = sorted({r for g in analysis.groups for r in g.reasons})
         raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
 
-    calib = _Calib.split(calibration, holdout, prep) if calibration is not None else None
+    calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes) if calibration is not None else None
     if calib is None:
         warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
     moments = None
@@ -208,7 +210,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         refits = rec.layers
     elif recover and calib is None:
         raise ConfigError("--recover needs calibration data (--calib)")
-    pruned = _finalize(ir.to_proto(pruned_ir), prep.original)
+    pruned = restore_interface(ir.to_proto(pruned_ir), prep.original)
     say("verifying the output model")
     check = verify(prep.original, pruned, prep.input_shapes)
     fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
@@ -253,58 +255,6 @@ def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str
         raise ConfigError(f"--holdout must be in [0, 1), got {holdout}")
 
 
-@dataclass
-class _Calib:
-    """Calibration samples split into a fitting part and a held-out part for the fidelity report."""
-
-    input_name: str
-    fit: np.ndarray
-    held: np.ndarray
-    source: CalibrationSet
-    batch: int = 8
-
-    @classmethod
-    def split(cls, data: CalibrationSet, holdout: float, prep: Prepared) -> "_Calib":
-        if data.name not in prep.input_shapes:
-            raise ConfigError(f"calibration data is for input {data.name!r}; model inputs: {sorted(prep.input_shapes)}")
-        if len(prep.input_shapes) != 1:
-            raise ConfigError("calibration needs a single-input model")
-        samples = data.samples()
-        n_held = int(round(holdout * len(samples))) if len(samples) >= 4 else 0
-        order = np.random.default_rng(0).permutation(len(samples))
-        held, fit = samples[order[:n_held]], samples[order[n_held:]]
-        return cls(data.name, fit, held, data)
-
-    @property
-    def count(self) -> int:
-        return len(self.fit)
-
-    @property
-    def batches(self) -> list[np.ndarray]:
-        return [self.fit[i:i + self.batch] for i in range(0, len(self.fit), self.batch)]
-
-    @property
-    def scan_batches(self) -> list[np.ndarray]:
-        return [self.fit[:16]]  # the scan ranks groups; a few samples suffice and keep it fast
-
-    def evaluate(self, original: onnx.ModelProto, pruned: onnx.ModelProto, task: str) -> FidelityReport | None:
-        data = self.held if len(self.held) else self.fit
-        ref_sess, new_sess = session(original), session(pruned)
-        names = [o.name for o in ref_sess.get_outputs()]
-        one = fixed_batch(original)
-        pieces = [data[i:i + 1] for i in range(len(data))] if one else [data[i:i + self.batch] for i in range(0, len(data), self.batch)]
-        ref = [np.concatenate(x) for x in zip(*(ref_sess.run(None, {self.input_name: p}) for p in pieces))]
-        got = [np.concatenate(x) for x in zip(*(new_sess.run(None, {self.input_name: p}) for p in pieces))]
-        hw = tuple(data.shape[2:4]) if data.ndim == 4 and data.shape[1] in (1, 3) else tuple(data.shape[1:3])
-        return evaluate(ref, got, names, hw, task)
-
-    def describe(self) -> dict:
-        return {"samples": len(self.fit) + len(self.held), "fit": len(self.fit), "held_out": len(self.held),
-                "files": self.source.files[:3] + (["..."] if len(self.source.files) > 3 else []),
-                "preprocess": str(self.source.preprocess) if self.source.preprocess else "array, used as is",
-                "notes": list(self.source.notes)}
-
-
 def _sensitivity_report(analysis: ChannelAnalysis, sensitivity: dict, alloc) -> list[dict]:
     rows = []
     for gid, sens in sensitivity.items():
@@ -331,22 +281,3 @@ def _allocate_rounded(analysis: ChannelAnalysis, scores: dict[int, float], targe
         if abs(alloc.params_removed - target) <= tolerance or r == 1:
             return best
         r = max(1, r // 2)
-
-
-def _finalize(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
-    """Re-infer intermediate shapes and restore the original interface declarations verbatim."""
-    del model.graph.value_info[:]
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        pass  # shapes of intermediates are optional; the checker and ORT decide validity
-    inits = {i.name for i in original.graph.initializer}
-    by_name = {vi.name: vi for vi in original.graph.input if vi.name not in inits}
-    for vi in model.graph.input:
-        if vi.name in by_name:
-            vi.CopyFrom(by_name[vi.name])
-    outs = {vi.name: vi for vi in original.graph.output}
-    for vi in model.graph.output:
-        if vi.name in outs:
-            vi.CopyFrom(outs[vi.name])
-    return model

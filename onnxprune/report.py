@@ -149,6 +149,30 @@ class SlimReport:
         return "\n".join(lines)
 
 
+@dataclass
+class CombinedReport:
+    """``slim --int8``: the pruning report, then the quantization report of the pruned model."""
+
+    slim: Any
+    quantize: Any
+
+    @property
+    def output(self) -> str | None:
+        return self.quantize.output
+
+    @output.setter
+    def output(self, value: str | None) -> None:
+        self.slim.output = value
+        self.quantize.output = value
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, "kind": "slim+int8", "slim": self.slim.to_dict(),
+                "quantize": self.quantize.to_dict()}
+
+    def summary(self) -> str:
+        return self.slim.summary() + "\n\n" + self.quantize.summary()
+
+
 def write_json(report: AnalysisReport | SlimReport, path: str | Path) -> None:
     from .graph.io import write_text_atomic
     write_text_atomic(json.dumps(_finite(report.to_dict()), indent=2), path)

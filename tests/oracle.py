@@ -9,7 +9,8 @@ import onnxruntime as ort
 
 from onnxprune.channels.analysis import ChannelAnalysis, analyze_channels
 from onnxprune.passes import mask_channels, remove_channels
-from onnxprune.pipeline import _finalize, prepare
+from onnxprune.graph.interface import restore_interface
+from onnxprune.pipeline import prepare
 from onnxprune.verify import interface
 
 
@@ -50,7 +51,7 @@ def check_removal(proto: onnx.ModelProto, feeds: dict[str, np.ndarray], removed:
                   model: ir.Model, analysis: ChannelAnalysis) -> onnx.ModelProto:
     """Remove ``removed``; assert validity, unchanged interface and equality with the mask."""
     pruned_ir, record = remove_channels(model, analysis, removed)
-    pruned = _finalize(ir.to_proto(pruned_ir), proto)
+    pruned = restore_interface(ir.to_proto(pruned_ir), proto)
     onnx.checker.check_model(pruned, full_check=True)
     assert interface(pruned) == interface(proto)
     masked = run(mask_channels(model, analysis, removed), feeds)

@@ -164,3 +164,4 @@ def activation(ctx: ScoreContext) -> dict[int, float]:
         for u in group.units:
             scores[u] = float(energy[u]) if use else fallback[u]
     return scores
+from . import gradient  # noqa: E402,F401  (registers snip/taylor/synflow)

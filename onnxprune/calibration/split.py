@@ -1,0 +1,65 @@
+"""Calibration samples split into a part to fit on and a held-out part to measure fidelity on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..errors import ConfigError
+from ..fidelity import FidelityReport, evaluate
+from .activations import fixed_batch, session
+from .data import CalibrationSet
+
+
+@dataclass
+class CalibrationSplit:
+    """Calibration samples split into a fitting part and a held-out part for the fidelity report."""
+
+    input_name: str
+    fit: np.ndarray
+    held: np.ndarray
+    source: CalibrationSet
+    batch: int = 8
+
+    @classmethod
+    def split(cls, data: CalibrationSet, holdout: float, input_shapes: dict) -> "CalibrationSplit":
+        if data.name not in input_shapes:
+            raise ConfigError(f"calibration data is for input {data.name!r}; model inputs: {sorted(input_shapes)}")
+        if len(input_shapes) != 1:
+            raise ConfigError("calibration needs a single-input model")
+        samples = data.samples()
+        n_held = int(round(holdout * len(samples))) if len(samples) >= 4 else 0
+        order = np.random.default_rng(0).permutation(len(samples))
+        held, fit = samples[order[:n_held]], samples[order[n_held:]]
+        return cls(data.name, fit, held, data)
+
+    @property
+    def count(self) -> int:
+        return len(self.fit)
+
+    @property
+    def batches(self) -> list[np.ndarray]:
+        return [self.fit[i:i + self.batch] for i in range(0, len(self.fit), self.batch)]
+
+    @property
+    def scan_batches(self) -> list[np.ndarray]:
+        return [self.fit[:8]]  # the scan ranks groups; a few samples suffice and keep it fast
+
+    def evaluate(self, original: onnx.ModelProto, pruned: onnx.ModelProto, task: str) -> FidelityReport | None:
+        data = self.held if len(self.held) else self.fit
+        ref_sess, new_sess = session(original), session(pruned)
+        names = [o.name for o in ref_sess.get_outputs()]
+        one = fixed_batch(original)
+        pieces = [data[i:i + 1] for i in range(len(data))] if one else [data[i:i + self.batch] for i in range(0, len(data), self.batch)]
+        ref = [np.concatenate(x) for x in zip(*(ref_sess.run(None, {self.input_name: p}) for p in pieces))]
+        got = [np.concatenate(x) for x in zip(*(new_sess.run(None, {self.input_name: p}) for p in pieces))]
+        hw = tuple(data.shape[2:4]) if data.ndim == 4 and data.shape[1] in (1, 3) else tuple(data.shape[1:3])
+        return evaluate(ref, got, names, hw, task)
+
+    def describe(self) -> dict:
+        return {"samples": len(self.fit) + len(self.held), "fit": len(self.fit), "held_out": len(self.held),
+                "files": self.source.files[:3] + (["..."] if len(self.source.files) > 3 else []),
+                "preprocess": str(self.source.preprocess) if self.source.preprocess else "array, used as is",
+                "notes": list(self.source.notes)}
