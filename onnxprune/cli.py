@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", help="output path (default: IN.int8.onnx next to the input)")
     q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
+    q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
@@ -210,7 +211,8 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
         raise ConfigError("int8 quantization needs calibration data (--calib)")
     if args.command == "quantize":
         result = quantize(model, calibration, thresholds=args.thresholds, per_channel=not args.per_tensor,
-                          exclude=args.exclude, holdout=args.holdout, task=args.task, progress=progress)
+                          exclude=args.exclude, holdout=args.holdout, task=args.task,
+                          equalize_ranges=not args.no_equalize, progress=progress)
     else:
         result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
                       input_shapes=_shapes(args.input_shape), min_keep=args.min_keep, simplify=not args.no_simplify,

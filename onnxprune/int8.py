@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import onnx
+import onnx_ir as ir
 
 from .calibration import CalibrationSet
 from .calibration.split import CalibrationSplit
@@ -17,6 +18,8 @@ from .fidelity import TASKS
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
 from .graph.shapes import representative_shapes
+from .passes import equalize
+from .pipeline import prepare
 from .quantization import THRESHOLDS, check_not_quantized, int8_kernels, pre_process, quantize_qdq, to_opset13
 from .verify import verify
 
@@ -85,8 +88,12 @@ def _matching(model: onnx.ModelProto, patterns: Sequence[str]) -> tuple[list[str
 
 def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str = DEFAULT_THRESHOLDS,
              per_channel: bool = True, exclude: Sequence[str] = (), holdout: float = 0.25, task: str = "auto",
-             progress: Callable[[str], None] | None = None) -> QuantizeResult:
-    """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``."""
+             equalize_ranges: bool = True, progress: Callable[[str], None] | None = None) -> QuantizeResult:
+    """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``.
+
+    Before quantization, BatchNorm is folded and channel ranges are equalised across layers
+    (``equalize_ranges``, function-preserving), which int8 needs on depthwise architectures.
+    """
     start = time.perf_counter()
     if thresholds not in THRESHOLDS:
         raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {thresholds!r}")
@@ -105,7 +112,12 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     shapes = representative_shapes(original)
     split = CalibrationSplit.split(calibration, holdout, shapes)
     say("pre-processing for quantization")
-    pre = pre_process(to_opset13(original))
+    prep = prepare(original, simplify=True)  # BN folded, Identity removed: what equalisation needs
+    graph = prep.model
+    if equalize_ranges:
+        graph, eq = equalize(graph)
+        notes.append(f"cross-layer equalisation on {len(eq.pairs)} conv pairs")
+    pre = pre_process(to_opset13(ir.to_proto(graph)))
     excluded, unmatched = _matching(pre, exclude)
     notes += [f"--exclude {p!r} matched no node" for p in unmatched]
     ranges = None

@@ -1,17 +1,19 @@
 """Graph rewrite passes. Each is a pure function (model, config) -> (new model, record of what it did).
 
 - ``cleanup``: canonical form for analysis (constants lifted, Identity chains removed, names fixed).
+- ``equalize``: cross-layer range equalisation before int8 (function-preserving).
 - ``fold_batchnorm``: BatchNormalization folded into the preceding Conv, keeping γ for saliency.
 - ``remove_channels``: physical removal of pruned channels (the smaller dense graph).
 - ``mask_channels``: the same selection zeroed in place; the oracle that ``remove_channels`` must match.
 """
 
 from .cleanup import CleanupRecord, cleanup
+from .equalize import EqualizeRecord, equalize
 from .fold_batchnorm import FoldRecord, fold_batchnorm
 from .mask_channels import mask_channels
 from .remove_channels import RemovalRecord, remove_channels
 
 __all__ = [
-    "CleanupRecord", "cleanup", "FoldRecord", "fold_batchnorm", "mask_channels",
+    "CleanupRecord", "cleanup", "EqualizeRecord", "equalize", "FoldRecord", "fold_batchnorm", "mask_channels",
     "RemovalRecord", "remove_channels",
 ]

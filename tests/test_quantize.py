@@ -99,3 +99,28 @@ def test_wrong_calibration_shape_is_a_clear_error(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "error" in err
     assert not (tmp_path / "m.int8.onnx").exists()
+
+
+def test_equalization_preserves_function_and_balances_ranges() -> None:
+    import onnx_ir as ir
+    from onnxprune.passes import equalize
+    from onnxprune.pipeline import prepare
+    from onnxprune.sample_models import GENERATED, NOMINAL_INPUT
+    model = GENERATED["mobilefacenet"]()
+    prep = prepare(model, simplify=False)
+    eq, record = equalize(prep.model)
+    assert record.pairs
+    x = np.random.default_rng(0).standard_normal(NOMINAL_INPUT["mobilefacenet"]).astype(np.float32)
+    a, b = run(model, {"input": x})[0], run(ir.to_proto(eq), {"input": x})[0]
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+    def spread(m) -> float:  # how unequal per-channel weight ranges are, worst layer
+        worst = 0.0
+        for name, v in m.graph.initializers.items():
+            w = v.const_value.numpy()
+            if w.ndim == 4:
+                r = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
+                worst = max(worst, float(r.max() / max(r.min(), 1e-12)))
+        return worst
+
+    assert spread(eq) < spread(prep.model)
