@@ -7,20 +7,18 @@ touched and outputs appear atomically or not at all.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from . import __version__
 from .errors import ConfigError, OnnxPruneError
-from .graph.io import check_writable
-from .graph.shapes import parse_input_shape
 from .calibration import PRESETS, Preprocess, load_calibration, parse_floats, parse_size
 from .fidelity import TASKS
-from .graph.io import load_proto
-from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
+from .graph.io import check_writable, load_proto, write_text_atomic
+from .graph.shapes import parse_input_shape
 from .int8 import DEFAULT_THRESHOLDS, quantize
+from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
 from .quantization import THRESHOLDS
 from .report import CombinedReport, write_json
 from .saliency.criteria import DESCRIPTIONS
@@ -166,6 +164,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
     q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
 
+    b = sub.add_parser("bench", help="interleaved latency benchmark of one or more models",
+                       description="Time models interleaved (A B A B ...) so machine drift cannot fake a speed-up; "
+                                   "ratios are to the first model, round by round.")
+    b.add_argument("models", nargs="+", help=".onnx files or sample:NAME; the first is the reference")
+    b.add_argument("--providers", default="CPUExecutionProvider", help="comma-separated ORT execution providers")
+    b.add_argument("--threads", default="1", help="comma-separated intra-op thread counts (default 1)")
+    b.add_argument("--input-shape", action="append", metavar="NAME=1x3x640x640",
+                   help="input shape; repeat for a resolution sweep")
+    b.add_argument("--runs", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--json", metavar="OUT.json")
+    b.add_argument("-q", "--quiet", action="store_true")
+
+    c = sub.add_parser("check", parents=[calib], help="CI gate: validity, fidelity, speed-up and size thresholds",
+                       description="Exit 0 when every threshold passes, 1 when one fails, 2 on a usage or input error.")
+    c.add_argument("original")
+    c.add_argument("candidate")
+    c.add_argument("--min-fidelity", type=float, help="minimum task metric (or mean output cosine without --task)")
+    c.add_argument("--max-drop", type=float, help="maximum 1 - fidelity")
+    c.add_argument("--min-speedup", type=float, help="minimum original/candidate median latency ratio")
+    c.add_argument("--max-size-ratio", type=float, help="maximum candidate/original file size")
+    c.add_argument("--runs", type=int, default=30)
+    c.add_argument("--json", metavar="OUT.json")
+    c.add_argument("--junit", metavar="OUT.xml", help="JUnit XML, one test case per threshold")
+    c.add_argument("--markdown", metavar="OUT.md", help="summary table for a pull-request comment")
+    c.add_argument("-q", "--quiet", action="store_true")
+
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
     return parser
@@ -175,13 +200,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     progress = _Progress(not args.quiet)
     try:
-        model = _model_arg(args.model)
-        if args.command == "analyze":
-            report = analyze(model, input_shapes=_shapes(args.input_shape), exclude=args.exclude,
+        code = 0
+        if args.command == "bench":
+            report = _bench(args)
+        elif args.command == "check":
+            report, code = _check(args, progress)
+        elif args.command == "analyze":
+            report = analyze(_model_arg(args.model), input_shapes=_shapes(args.input_shape), exclude=args.exclude,
                              simplify=not args.no_simplify, progress=progress)
         else:
-            report = _slim_or_quantize(args, model, progress)
-        if args.json:
+            report = _slim_or_quantize(args, _model_arg(args.model), progress)
+        if args.json and args.command != "check":
             write_json(report, args.json)
     except OnnxPruneError as exc:
         progress.done()
@@ -194,7 +223,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.done()
     if not args.quiet:
         print(report.summary())
-    return 0
+    return code
+
+
+def _bench(args: argparse.Namespace):
+    from .bench import bench
+    shapes = [dict([parse_input_shape(sp)]) for sp in args.input_shape] if args.input_shape else None
+    threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
+    return bench([_model_arg(m) for m in args.models], providers=tuple(p.strip() for p in args.providers.split(",")),
+                 threads=threads, input_shapes=shapes, runs=args.runs, warmup=args.warmup)
+
+
+def _check(args: argparse.Namespace, progress: "_Progress"):
+    from .check import check
+    for out in (args.json, args.junit, args.markdown):
+        if out:
+            check_writable(out)
+    original, candidate = _model_arg(args.original), _model_arg(args.candidate)
+    args.model = original
+    calibration = _calibration(args, original, progress)
+    progress("checking")
+    report = check(original, candidate, calibration=calibration, task=args.task, min_fidelity=args.min_fidelity,
+                   max_drop=args.max_drop, min_speedup=args.min_speedup, max_size_ratio=args.max_size_ratio,
+                   runs=args.runs)
+    if args.json:
+        write_json(report, args.json)
+    if args.junit:
+        write_text_atomic(report.to_junit_xml(), args.junit)
+    if args.markdown:
+        write_text_atomic(report.to_markdown(), args.markdown)
+    return report, report.exit_code
 
 
 def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress):

@@ -107,3 +107,22 @@ def test_console_script_help() -> None:
     out = subprocess.run([sys.executable, "-m", "onnxprune", "slim", "--help"], capture_output=True, text=True, check=True)
     for flag in ("--ratio", "--criterion", "--exclude", "--round-to", "--input-shape", "--json"):
         assert flag in out.stdout
+
+
+def test_check_and_bench_commands(model_path: Path, tmp_path: Path, capsys) -> None:
+    import numpy as np
+    x = np.random.default_rng(0).standard_normal((8, 3, 112, 112)).astype(np.float32)
+    npy = tmp_path / "c.npy"
+    np.save(npy, x)
+    junit = tmp_path / "j.xml"
+    assert main(["check", str(model_path), str(model_path), "--calib", str(npy), "--min-fidelity", "0.99",
+                 "--runs", "5", "--junit", str(junit), "-q"]) == 0
+    import xml.etree.ElementTree as ET
+    names = {c.get("name") for c in ET.parse(junit).getroot().iter("testcase")}
+    assert {"validity", "fidelity"} <= names
+    broken = tmp_path / "broken.onnx"
+    assert main(["slim", str(model_path), "--ratio", "0.9", "--round-to", "1", "--min-keep", "0", "-o", str(broken), "-q"]) == 0
+    assert main(["check", str(model_path), str(broken), "--calib", str(npy), "--min-fidelity", "0.99", "--runs", "5", "-q"]) == 1
+    assert main(["check", str(model_path), str(tmp_path / "missing.onnx"), "-q"]) == 2
+    assert main(["bench", str(model_path), str(model_path), "--runs", "5", "--warmup", "1"]) == 0
+    assert "vs first" in capsys.readouterr().out

@@ -105,7 +105,7 @@ def check_writable(path: str | os.PathLike) -> None:
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:
     """Write a small text file (a report) atomically, with the same one-line errors as models."""
     def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     return _atomic_write(Path(path), write)
 

@@ -1,0 +1,314 @@
+"""Latency, size and compute of several models side by side, measured so the comparison is fair.
+
+Why interleaved rounds: CPU frequency, thermal state and noisy neighbours drift over seconds. Timing
+model A for 50 runs and then model B lets that drift pose as a speed-up; running every model once
+per round, in a shuffled order, exposes both to the same conditions, and the per-round ratio
+(B/A inside one round) cancels what the round had in common.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import ConfigError, ModelLoadError
+from .graph.io import ModelLike, load_proto
+from .graph.metrics import ModelCost, model_cost
+from .graph.shapes import Shape, random_inputs, representative_shapes
+from .report import SCHEMA_VERSION, _big, _shapes
+
+# Dense float compute as it appears after ORT's fusions (FusedConv etc. are com.microsoft ops).
+FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
+                               "NhwcConv", "Attention", "MultiHeadAttention", "Einsum"})
+
+_INT_WEIGHTS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
+
+
+@dataclass
+class BenchRow:
+    """One model under one (provider, threads, input shape) configuration."""
+
+    model: str
+    provider: str
+    threads: int
+    input_shapes: dict[str, list[int]]
+    file_bytes: int
+    params: int
+    macs: int
+    int8_nodes: int  # QLinear* / *Integer ops in ORT's optimised graph
+    float_nodes: int  # float Conv/Gemm/MatMul (and their fused forms) in ORT's optimised graph
+    peak_mem_mb: float  # peak RSS growth over session creation + first run
+    min_ms: float
+    median_ms: float
+    p90_ms: float
+    throughput: float  # samples/s at the median latency (batch = first dim of the first input)
+    ratio_median: float | None = None  # latency / first model's latency, median over rounds
+    ratio_iqr: float | None = None  # p75 - p25 of the per-round ratios: how far to trust ratio_median
+    speedup: float | None = None  # median over rounds of first model's latency / this one's
+    netscore: float | None = None
+
+
+@dataclass
+class BenchReport:
+    rows: list[BenchRow]
+    notes: list[str] = field(default_factory=list)
+    runs: int = 0
+    warmup: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": SCHEMA_VERSION, "kind": "bench", "runs": self.runs, "warmup": self.warmup,
+                "rows": [asdict(r) for r in self.rows], "notes": list(self.notes)}
+
+    def summary(self) -> str:
+        """One table per (provider, threads); rows per input shape then model, so a resolution sweep
+        reads as a latency-per-resolution table."""
+        lines: list[str] = []
+        configs = list(dict.fromkeys((r.provider, r.threads) for r in self.rows))
+        names = {r.model: _short(r.model) for r in self.rows}
+        width = max([5] + [len(n) for n in names.values()])
+        for provider, threads in configs:
+            lines += [""] if lines else []
+            lines.append(f"{provider}, {threads} thread{'s' * (threads != 1)}, {self.runs} interleaved rounds")
+            lines.append(f"{'model':{width}s}  {'input':>14s}  {'min ms':>8s} {'med ms':>8s} {'p90 ms':>8s} "
+                         f"{'smp/s':>8s}  {'vs first':>14s}  {'params':>9s} {'MACs':>9s} {'int8/float':>10s} "
+                         f"{'mem MB':>7s} {'size':>8s} {'NetScore':>8s}")
+            for r in (r for r in self.rows if (r.provider, r.threads) == (provider, threads)):
+                vs = "—" if r.speedup is None else f"x{r.speedup:.3f}±{(r.ratio_iqr or 0) / 2:.3f}"
+                shape = ",".join("x".join(map(str, s)) for s in r.input_shapes.values())
+                ns = "—" if r.netscore is None else f"{r.netscore:.1f}"
+                lines.append(f"{names[r.model]:{width}s}  {shape:>14s}  {r.min_ms:8.3f} {r.median_ms:8.3f} "
+                             f"{r.p90_ms:8.3f} {r.throughput:8.1f}  {vs:>14s}  {_big(r.params):>9s} "
+                             f"{_big(r.macs):>9s} {f'{r.int8_nodes}/{r.float_nodes}':>10s} {r.peak_mem_mb:7.1f} "
+                             f"{_bytes(r.file_bytes):>8s} {ns:>8s}")
+        if any(r.speedup is not None for r in self.rows):
+            lines.append("vs first: median per-round speed-up over the first model (±half the IQR of the ratios)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
+          threads: Sequence[int] = (1,), input_shapes: Sequence[Mapping[str, Shape]] | None = None,
+          runs: int = 50, warmup: int = 5, seed: int = 0, accuracy: Mapping[int, float] | None = None) -> BenchReport:
+    """Time ``models`` interleaved under every (provider, threads, input shape) configuration.
+
+    ``input_shapes`` is a list of overrides (one dict per resolution of a sweep); dims left out take
+    the model's declared or default sizes. ``accuracy`` maps a model index to its accuracy or fidelity
+    in [0, 1] for NetScore; models without one get no NetScore. Unavailable providers are skipped
+    with a note.
+    """
+    if not models:
+        raise ConfigError("bench needs at least one model")
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    if not threads or any(int(t) < 1 for t in threads):
+        raise ConfigError(f"--threads must be positive integers, got {list(threads)}")
+    accuracy = dict(accuracy or {})
+    for i, a in accuracy.items():
+        if not 0 <= i < len(models) or not 0.0 < a <= 1.0:
+            raise ConfigError(f"accuracy for model {i} must be in (0, 1] for an existing model, got {a}")
+    available = set(ort.get_available_providers())
+    notes = [f"provider {p} is not available in this onnxruntime build; skipped" for p in providers if p not in available]
+    providers = [p for p in dict.fromkeys(providers) if p in available]
+    if not providers:
+        raise ConfigError(f"none of the requested providers is available; available: {', '.join(sorted(available))}")
+
+    protos = [load_proto(m) for m in models]
+    labels = _labels(models)
+    sources = [str(m) if isinstance(m, (str, os.PathLike)) else None for m in models]
+    sizes = [p.ByteSize() for p in protos]
+    shape_sets = [_resolve_shapes(protos, dict(o)) for o in (input_shapes or [{}])]
+    costs = {(i, k): _cost(p, shape_sets[k]) for k in range(len(shape_sets)) for i, p in enumerate(protos)}
+    rng = np.random.default_rng(seed)
+    rows: list[BenchRow] = []
+    # ORT's one-off process setup (allocators, thread pools) would be charged to the first model's memory.
+    first = _session(sources[0] or protos[0], providers[0], 1, None, labels[0])
+    _run(first, random_inputs(first, shape_sets[0], np.random.default_rng(seed)), labels[0])
+    del first
+    with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
+        node_counts: dict[tuple[int, str], tuple[int, int]] = {}
+        for provider in providers:
+            for n_threads in threads:
+                for k, shapes in enumerate(shape_sets):
+                    sessions, mems, feeds = [], [], None
+                    for i, proto in enumerate(protos):
+                        opt_path = None
+                        if (i, provider) not in node_counts:
+                            opt_path = str(Path(tmp) / f"m{i}_{len(node_counts)}.onnx")
+                        before = _rss_reset_peak()
+                        sess = _session(sources[i] or proto, provider, int(n_threads), opt_path, labels[i])
+                        if feeds is None:  # the same inputs for every model
+                            feeds = random_inputs(sess, shapes, np.random.default_rng(seed))
+                        _run(sess, feeds, labels[i])
+                        mems.append(max(0, _rss_peak() - before) / 2**20)
+                        sessions.append(sess)
+                        if opt_path is not None:
+                            node_counts[(i, provider)] = _count_nodes(opt_path)
+                    times = _interleaved(sessions, feeds, runs, warmup, rng)
+                    batch = next(iter(shapes.values()))[0] if shapes and next(iter(shapes.values())) else 1
+                    for i in range(len(protos)):
+                        t = times[:, i]
+                        cost = costs[(i, k)]
+                        row = BenchRow(
+                            model=labels[i], provider=provider, threads=int(n_threads),
+                            input_shapes={n: list(s) for n, s in shapes.items()}, file_bytes=sizes[i],
+                            params=cost.params, macs=cost.macs, int8_nodes=node_counts[(i, provider)][0],
+                            float_nodes=node_counts[(i, provider)][1], peak_mem_mb=round(mems[i], 2),
+                            min_ms=float(t.min()), median_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
+                            throughput=float(batch * 1000.0 / np.median(t)),
+                            netscore=netscore(accuracy[i], cost.params, cost.macs) if i in accuracy else None)
+                        if len(protos) > 1:
+                            ratio = t / times[:, 0]
+                            q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
+                            row.ratio_median, row.ratio_iqr = float(q50), float(q75 - q25)
+                            row.speedup = float(np.median(times[:, 0] / t))
+                        rows.append(row)
+                    del sessions
+    return BenchReport(rows, notes, runs, warmup)
+
+
+def netscore(accuracy: float, params: int, macs: int, alpha: float = 2.0, beta: float = 0.5,
+             gamma: float = 0.5) -> float | None:
+    """NetScore (Wong 2019): 20·log10(a^α / (p^β · m^γ)), p and m in millions.
+
+    ``accuracy`` is in [0, 1] here; the paper uses percent, which adds a constant 40·α·log10(10)=80
+    (for α=2), so only differences between models are comparable across the two conventions.
+    None when params or MACs are 0 (the score is undefined).
+    """
+    p, m = params / 1e6, macs / 1e6
+    if accuracy <= 0 or p <= 0 or m <= 0:
+        return None
+    return 20.0 * (alpha * math.log10(accuracy) - beta * math.log10(p) - gamma * math.log10(m))
+
+
+def interleaved_times(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int,
+                      warmup: int, seed: int = 0) -> np.ndarray:
+    """[runs, models] latencies in ms, every model once per round in a shuffled order (see module doc)."""
+    return _interleaved(sessions, feeds, runs, warmup, np.random.default_rng(seed))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _interleaved(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int, warmup: int,
+                 rng: np.random.Generator) -> np.ndarray:
+    times = np.zeros((runs, len(sessions)))
+    for r in range(warmup + runs):
+        for i in rng.permutation(len(sessions)):
+            start = time.perf_counter()
+            sessions[i].run(None, feeds)
+            if r >= warmup:
+                times[r - warmup, i] = (time.perf_counter() - start) * 1000.0
+    return times
+
+
+def _session(model: str | onnx.ModelProto, provider: str, threads: int, optimized_path: str | None,
+             label: str) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    if threads > 1:
+        # Idle workers spin after each run; interleaved, that spinning would steal cores from the next model.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    try:
+        source = model if isinstance(model, str) else model.SerializeToString()
+        return ort.InferenceSession(source, opts, providers=chain)
+    except Exception as exc:  # ORT raises several unrelated types
+        raise ModelLoadError(f"ONNX Runtime cannot load {label} with {provider}: {_line(exc)}") from None
+
+
+def _run(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], label: str) -> None:
+    try:
+        sess.run(None, dict(feeds))
+    except Exception as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot run {label} at this input shape: {_line(exc)}") from None
+
+
+def _count_nodes(path: str) -> tuple[int, int]:
+    """(int8, float) compute nodes of the graph ORT actually runs, after its fusions."""
+    try:
+        graph = onnx.load(path, load_external_data=False).graph
+    except Exception:  # optimised-model saving is best effort (some EPs refuse it)
+        return 0, 0
+    ops = [n.op_type for n in graph.node]
+    int8 = sum(op.startswith("QLinear") or op.endswith("Integer") for op in ops)
+    return int8, sum(op in FLOAT_COMPUTE_OPS for op in ops)
+
+
+def _cost(proto: onnx.ModelProto, shapes: Mapping[str, Shape]) -> ModelCost:
+    """MACs as usual; params also count integer weights, or an int8 model would look weightless."""
+    cost = model_cost(proto, shapes)
+    ints = sum(int(np.prod(t.dims)) for t in proto.graph.initializer
+               if t.data_type in _INT_WEIGHTS and len(t.dims) > 1)
+    return ModelCost(cost.params + ints, cost.macs)
+
+
+def _resolve_shapes(protos: Sequence[onnx.ModelProto], overrides: dict[str, Shape]) -> dict[str, Shape]:
+    """One concrete shape set valid for every model (they are compared on the same inputs)."""
+    first = representative_shapes(protos[0], overrides)
+    for i, p in enumerate(protos[1:], 1):
+        if representative_shapes(p, overrides) != first:
+            raise ConfigError(f"model {i} has different inputs than model 0; benchmarked models must share inputs")
+    return first
+
+
+def _labels(models: Sequence[ModelLike]) -> list[str]:
+    labels = [str(m) if isinstance(m, (str, os.PathLike)) else f"model{i}" for i, m in enumerate(models)]
+    return [l if labels.count(l) == 1 else f"{l}#{i}" for i, l in enumerate(labels)]
+
+
+def _rss_reset_peak() -> int:
+    """Current RSS in bytes, after resetting the kernel's peak-RSS mark (so the peak seen next is ours)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _rss()
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_peak() -> int:
+    """Peak RSS since the last reset (VmHWM), or the current RSS where the kernel gives no peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return max(int(line.split()[1]) * 1024, _rss())
+    except (OSError, ValueError):
+        pass
+    return _rss()
+
+
+def _short(label: str) -> str:
+    return Path(label).name if os.sep in label else label
+
+
+def _bytes(n: int) -> str:
+    for unit, div in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return f"{n}B"
+
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
