@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the budget is spread: per-group sensitivity scan (default with --calib) or global ranking")
     p.add_argument("--no-recover", action="store_true", help="do not refit the layers after removed channels")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="parallel workers for the sensitivity scan")
+    p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
+                   help="then distil from the original on the calibration images for N steps (needs onnxprune[torch])")
     p.add_argument("--int8", action="store_true", help="then quantize to int8 (needs --calib; see `quantize`)")
     p.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS,
                    help=f"with --int8: how activation ranges are chosen (default {DEFAULT_THRESHOLDS})")
@@ -276,7 +278,7 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
                       input_shapes=_shapes(args.input_shape), min_keep=args.min_keep, simplify=not args.no_simplify,
                       calibration=calibration, allocation=args.allocation,
                       recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
-                      workers=args.workers, progress=progress)
+                      workers=args.workers, finetune_steps=args.finetune_steps, progress=progress)
         if int8:
             slim_report = result.report
             result = quantize(result.model, calibration, thresholds=args.thresholds, holdout=args.holdout,

@@ -139,6 +139,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
          exclude: Sequence[str] = (), input_shapes: Mapping[str, Shape] | None = None, min_keep: float = 0.1,
          simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
          recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
+         finetune_steps: int = 0,
          executor: Executor | None = None, progress: Progress | None = None) -> SlimResult:
     """Remove about ``ratio`` of the model's parameters by deleting whole channels.
 
@@ -210,6 +211,18 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         refits = rec.layers
     elif recover and calib is None:
         raise ConfigError("--recover needs calibration data (--calib)")
+    finetune = None
+    if finetune_steps:
+        if calib is None:
+            raise ConfigError("--finetune-steps needs calibration data (--calib)")
+        from .finetune import distill
+        say(f"distilling from the original ({finetune_steps} steps)")
+        tuned, finetune = distill(prep.original, pruned_ir, calib.input_name, calib.batches, steps=finetune_steps,
+                                  task=task if task in ("detection", "embedding") else "auto")
+        if finetune.get("final_loss", 0.0) <= finetune.get("initial_loss", 0.0):
+            pruned_ir = tuned
+        else:  # label-free distillation on few samples can overfit: never hand back a worse model
+            warns.append("distillation did not lower the loss on the calibration samples; kept the refitted model")
     pruned = restore_interface(ir.to_proto(pruned_ir), prep.original)
     say("verifying the output model")
     check = verify(prep.original, pruned, prep.input_shapes)
@@ -236,7 +249,8 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         sensitivity=_sensitivity_report(analysis, sensitivity, alloc) if sensitivity else [],
         refits=[RefitReport(f.node, f.error_before, f.error_after) for f in refits],
         fidelity=fidelity.to_dict() if fidelity is not None else None,
-        fidelity_summary=fidelity.summary() if fidelity is not None else "")
+        fidelity_summary=fidelity.summary() if fidelity is not None else "",
+        finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None)
     return SlimResult(pruned, report)
 
 

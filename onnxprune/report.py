@@ -97,6 +97,7 @@ class SlimReport:
     refits: list[RefitReport] = field(default_factory=list)
     fidelity: dict | None = None
     fidelity_summary: str = ""
+    finetune: dict | None = None
 
     @property
     def mac_ratio(self) -> float:
@@ -139,6 +140,9 @@ class SlimReport:
             before = sum(r.error_before for r in self.refits) / len(self.refits)
             after = sum(r.error_after for r in self.refits) / len(self.refits)
             lines.append(f"refitted {len(self.refits)} layers: mean relative output error {before:.3f} -> {after:.3f}")
+        if self.finetune:
+            f = self.finetune
+            lines.append(f"distilled {f.get('steps')} steps: loss {f.get('initial_loss', 0):.4f} -> {f.get('final_loss', 0):.4f}")
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
         if self.output_rel_error and not self.fidelity_summary:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -174,8 +174,15 @@ class OnnxModule(torch.nn.Module):
         outputs, _ = self.run(*inputs)
         return outputs
 
-    def run(self, *inputs: Any, capture: Iterable[str] = ()) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
-        """Outputs, plus the intermediate tensors named in ``capture`` (kept in the autograd graph)."""
+    def run(self, *inputs: Any, capture: Iterable[str] = (),
+            transform: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+            ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
+        """Outputs, plus the intermediate tensors named in ``capture`` (kept in the autograd graph).
+
+        ``transform`` rewrites named tensors as they are produced (e.g. fake quantization of
+        activations while thresholds are trained).
+        """
+        transform = transform or {}
         if len(inputs) == 1 and isinstance(inputs[0], dict):
             feeds = inputs[0]
         else:
@@ -210,6 +217,8 @@ class OnnxModule(torch.nn.Module):
                 result = (result,)
             for name, value in zip(n.outputs, result):
                 if name:
+                    if name in transform:
+                        value = transform[name](value)
                     env[name] = value
                     if name in capture:
                         captured[name] = value
