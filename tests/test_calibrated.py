@@ -55,14 +55,14 @@ def _plant(model: onnx.ModelProto, conv: str, dead: int, dominant: int) -> onnx.
     return model
 
 
-@pytest.mark.parametrize("criterion", ["activation", "l1", "l2"])
+@pytest.mark.parametrize("criterion", ["activation", "perturbation", "l1", "l2"])
 def test_criteria_rank_planted_dead_last_and_dominant_first(criterion: str) -> None:
     model, x = _chain()
     first_conv = model.graph.node[0].name
     model = _plant(model, first_conv, dead=2, dominant=5)
     prep, analysis, moments, arrays = _setup(model, x)
     group = _first_group(analysis)
-    scores = CRITERIA[criterion](ScoreContext(analysis, arrays, prep.bn_gamma, {}, moments))
+    scores = CRITERIA[criterion](ScoreContext(analysis, arrays, prep.bn_gamma, {}, moments, prep.model, [x], "x"))
     ranked = sorted(group.units, key=lambda u: scores[u])
     assert ranked[0] == group.units[2]
     assert ranked[-1] == group.units[5]

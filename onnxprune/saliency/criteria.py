@@ -165,3 +165,4 @@ def activation(ctx: ScoreContext) -> dict[int, float]:
             scores[u] = float(energy[u]) if use else fallback[u]
     return scores
 from . import gradient  # noqa: E402,F401  (registers snip/taylor/synflow)
+from . import perturbation  # noqa: E402,F401  (registers perturbation)
