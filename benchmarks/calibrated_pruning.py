@@ -28,17 +28,21 @@ from onnxprune.sample_models import load_sample
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-# (criterion, allocation, refit)
+# (criterion, allocation, refit, distillation steps)
 CONFIGS = [
-    ("l1", "uniform", False),  # what magnitude pruning without data does (Torch-Pruning-like)
-    ("bn", "uniform", False),
-    ("activation", "uniform", False),
-    ("activation", "uniform", True),
-    ("activation", "sensitivity", False),
-    ("l1", "sensitivity", True),
-    ("activation", "sensitivity", True),  # onnxprune's default with --calib
+    ("l1", "uniform", False, 0),  # what magnitude pruning without data does (Torch-Pruning-like)
+    ("bn", "uniform", False, 0),
+    ("activation", "uniform", False, 0),
+    ("activation", "uniform", True, 0),
+    ("activation", "sensitivity", False, 0),
+    ("l1", "sensitivity", True, 0),
+    ("perturbation", "sensitivity", True, 0),
+    ("snip", "sensitivity", True, 0),
+    ("taylor", "sensitivity", True, 0),
+    ("activation", "sensitivity", True, 0),  # onnxprune's default with --calib
+    ("activation", "sensitivity", True, 300),  # + label-free distillation (needs PyTorch)
 ]
-QUICK = [CONFIGS[0], CONFIGS[-1]]
+QUICK = [CONFIGS[0], CONFIGS[-2]]
 
 
 def _models(selected: set[str]):
@@ -75,15 +79,21 @@ def main() -> int:
     ratios = (0.3, 0.5) if args.quick else (0.3, 0.5, 0.69)
     for name, model, data, holdout, metric in _models(set(args.models.split(","))):
         print(f"\n== {name}: {len(data)} calibration samples, {holdout:.0%} held out; quality = {metric} vs the original")
-        print(f"{'criterion':11s} {'allocation':12s} {'refit':5s} " + " ".join(f"{r:>13.2f}" for r in ratios) + "   (quality / seconds)")
-        for criterion, allocation, refit in configs:
+        print(f"{'criterion':12s} {'allocation':12s} {'refit':5s} {'distil':6s} " + " ".join(f"{r:>13.2f}" for r in ratios)
+              + "   (quality / seconds)")
+        for criterion, allocation, refit, steps in configs:
             cells = []
             for r in ratios:
                 t0 = time.perf_counter()
-                res = onnxprune.slim(model, r, calibration=data, criterion=criterion, allocation=allocation,
-                                     recover=refit, holdout=holdout)
-                cells.append(f"{_quality(res.report):7.3f} {time.perf_counter() - t0:4.0f}s")
-            print(f"{criterion:11s} {allocation:12s} {'yes' if refit else 'no':5s} " + " ".join(f"{c:>13s}" for c in cells), flush=True)
+                try:
+                    res = onnxprune.slim(model, r, calibration=data, criterion=criterion, allocation=allocation,
+                                         recover=refit, holdout=holdout, finetune_steps=steps)
+                    cells.append(f"{_quality(res.report):7.3f} {time.perf_counter() - t0:4.0f}s")
+                except onnxprune.OnnxPruneError as exc:  # e.g. PyTorch missing for snip/taylor/distillation
+                    cells.append("n/a")
+                    note = str(exc)
+            print(f"{criterion:12s} {allocation:12s} {'yes' if refit else 'no':5s} {steps or '-':>6} "
+                  + " ".join(f"{c:>13s}" for c in cells), flush=True)
     return 0
 
 

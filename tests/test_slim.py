@@ -100,3 +100,16 @@ def test_bn_criterion_removes_small_gamma_channels() -> None:
     slot = next(s for s in analysis.slots if s.node == conv and s.role == "out")
     units = analysis.root[slot.elems]
     assert np.allclose([scores[int(u)] for u in units], np.abs(gamma))
+
+
+def test_same_inputs_give_byte_identical_models() -> None:
+    """Release pipelines cache on hashes: the same model, options and seed must give the same bytes."""
+    from onnxprune.calibration import CalibrationSet
+    from onnxprune.int8 import quantize
+    model = GENERATED["se-block"]()
+    x = np.random.default_rng(0).standard_normal((12, 3, 32, 32)).astype(np.float32)
+    data = CalibrationSet("input", [x], [], None, [])
+    for make in (lambda: onnxprune.slim(model, 0.5).model,
+                 lambda: onnxprune.slim(model, 0.5, calibration=data).model,
+                 lambda: quantize(model, data).model):
+        assert make().SerializeToString() == make().SerializeToString()
