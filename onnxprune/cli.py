@@ -104,7 +104,8 @@ def _calibration(args: argparse.Namespace, model: str, progress: "_Progress"):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="onnxprune", description="Structured channel pruning of ONNX models (face detectors and recognizers).")
+        prog="onnxprune", description="Compress ONNX face detectors and recognizers: structured channel pruning, int8 quantization, "
+                    "latency benchmarks and a CI gate.")
     parser.add_argument("--version", action="version", version=f"onnxprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -8,6 +8,9 @@ The graph is first brought to opset 13 or later and run through ORT's ``quant_pr
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import tempfile
 from collections import Counter
@@ -132,10 +135,23 @@ def quantize_qdq(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "q.onnx")
         onnx.save(model, src)  # ORT's calibrator reloads the model by path; an in-memory proto trips it
-        quantize_static(src, out, _Reader(input_name, batches), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude_nodes), calibrate_method=method, extra_options=extra)
+        with _quiet_root_logger():  # ORT logs per-tensor chatter on the root logger
+                quantize_static(src, out, _Reader(input_name, batches), quant_format=QuantFormat.QDQ,
+                            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=list(exclude_nodes), calibrate_method=method, extra_options=extra)
         return onnx.load(out), record
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and prints calibration progress to stdout
+            yield
+    finally:
+        root.setLevel(level)
 
 
 def int8_kernels(model: onnx.ModelProto) -> dict[str, int]:
