@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
     q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
+    q.add_argument("--max-drop", type=float, metavar="X",
+                   help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
 
     b = sub.add_parser("bench", help="interleaved latency benchmark of one or more models",
                        description="Time models interleaved (A B A B ...) so machine drift cannot fake a speed-up; "
@@ -273,7 +275,7 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
     if args.command == "quantize":
         result = quantize(model, calibration, thresholds=args.thresholds, per_channel=not args.per_tensor,
                           exclude=args.exclude, holdout=args.holdout, task=args.task,
-                          equalize_ranges=not args.no_equalize, progress=progress)
+                          equalize_ranges=not args.no_equalize, max_drop=args.max_drop, progress=progress)
     else:
         result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
                       input_shapes=_shapes(args.input_shape), min_keep=args.min_keep, simplify=not args.no_simplify,

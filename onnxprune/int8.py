@@ -8,10 +8,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from .calibration import CalibrationSet
+from .calibration.activations import stream
 from .calibration.split import CalibrationSplit
 from .errors import ConfigError
 from .fidelity import TASKS
@@ -86,13 +88,51 @@ def _matching(model: onnx.ModelProto, patterns: Sequence[str]) -> tuple[list[str
     return names, unmatched
 
 
+def fidelity_value(report) -> float:
+    """The task metric when there is one, else the mean cosine of the outputs."""
+    if report.detection_ap is not None:
+        return report.detection_ap
+    if report.embedding is not None:
+        return report.embedding["mean_cosine"]
+    if report.top1_agreement is not None:
+        return report.top1_agreement
+    return float(np.mean([o.cosine for o in report.outputs])) if report.outputs else 1.0
+
+
+def most_harmful_layer(float_model: onnx.ModelProto, quantized: onnx.ModelProto, input_name: str,
+                       batches: Sequence[np.ndarray], skip: Sequence[str] = ()) -> str | None:
+    """The quantized node whose output error grows most over its inputs' error (float vs QDQ run)."""
+    nodes = [n for n in float_model.graph.node
+             if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and n.name and n.name not in skip]
+    names = sorted({t for n in nodes for t in list(n.output) + [n.input[0]]})
+    quantized_names = {o for n in quantized.graph.node for o in n.output}
+    names = [t for t in names if t in quantized_names]
+    if not names:
+        return None
+    ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    got: dict[str, list[np.ndarray]] = {t: [] for t in names}
+    stream(float_model, names, input_name, batches[:1], lambda d: [ref[t].append(d[t]) for t in names])
+    stream(quantized, names, input_name, batches[:1], lambda d: [got[t].append(d[t]) for t in names])
+
+    def err(t: str) -> float:
+        a, b = np.concatenate(ref[t]).astype(np.float64), np.concatenate(got[t]).astype(np.float64)
+        return float(((a - b) ** 2).sum() / max((a * a).sum(), 1e-12))
+
+    errors = {t: err(t) for t in names}
+    added = {n.name: errors.get(n.output[0], 0.0) - errors.get(n.input[0], 0.0) for n in nodes if n.output[0] in errors}
+    return max(added, key=added.get) if added else None
+
+
 def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str = DEFAULT_THRESHOLDS,
              per_channel: bool = True, exclude: Sequence[str] = (), holdout: float = 0.25, task: str = "auto",
-             equalize_ranges: bool = True, progress: Callable[[str], None] | None = None) -> QuantizeResult:
+             equalize_ranges: bool = True, max_drop: float | None = None, max_float_layers: int = 8,
+             progress: Callable[[str], None] | None = None) -> QuantizeResult:
     """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``.
 
     Before quantization, BatchNorm is folded and channel ranges are equalised across layers
     (``equalize_ranges``, function-preserving), which int8 needs on depthwise architectures.
+    With ``max_drop``, the layers that add the most error are kept in float, one at a time, until
+    the held-out fidelity drop (1 - task metric, or 1 - mean output cosine) is at most ``max_drop``.
     """
     start = time.perf_counter()
     if thresholds not in THRESHOLDS:
@@ -130,9 +170,26 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
                                      per_channel=per_channel, exclude_nodes=excluded, progress=say)
     quantized = restore_interface(quantized, original)
+    fidelity = split.evaluate(original, quantized, task)
+    kept_float: list[str] = []
+    while max_drop is not None and 1 - fidelity_value(fidelity) > max_drop and len(kept_float) < max_float_layers:
+        worst = most_harmful_layer(pre, quantized, split.input_name, split.batches, skip=excluded + kept_float)
+        if worst is None:
+            break
+        kept_float.append(worst)
+        say(f"keeping {worst} in float ({len(kept_float)})")
+        quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds,
+                                         ranges=record.ranges or None, per_channel=per_channel,
+                                         exclude_nodes=excluded + kept_float, progress=say)
+        quantized = restore_interface(quantized, original)
+        fidelity = split.evaluate(original, quantized, task)
+    if max_drop is not None:
+        drop = 1 - fidelity_value(fidelity)
+        notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept_float)} layer(s) kept in float"
+                     + ("" if drop <= max_drop else " (target not reached)"))
+    excluded = excluded + kept_float
     say("verifying the output model")
     verify(original, quantized, shapes)
-    fidelity = split.evaluate(original, quantized, task)
     report = QuantizeReport(
         model=str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>", output=None,
         thresholds=thresholds, per_channel=per_channel, size_before=original.ByteSize(),

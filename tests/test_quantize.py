@@ -124,3 +124,14 @@ def test_equalization_preserves_function_and_balances_ranges() -> None:
         return worst
 
     assert spread(eq) < spread(prep.model)
+
+
+def test_max_drop_keeps_the_most_harmful_layers_in_float() -> None:
+    model = PATTERNS["chain"](1)
+    data = _data(model)
+    plain = quantize(model, data)
+    strict = quantize(model, data, max_drop=0.0, max_float_layers=2)
+    assert strict.report.excluded and len(strict.report.excluded) <= 2
+    assert any("--max-drop" in n for n in strict.report.notes)
+    cos = lambda r: r.report.fidelity["outputs"][0]["cosine"]  # noqa: E731
+    assert cos(strict) >= cos(plain) - 1e-6
