@@ -104,9 +104,22 @@ def most_harmful_layer(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
     """The quantized node whose output error grows most over its inputs' error (float vs QDQ run)."""
     nodes = [n for n in float_model.graph.node
              if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and n.name and n.name not in skip]
-    names = sorted({t for n in nodes for t in list(n.output) + [n.input[0]]})
-    quantized_names = {o for n in quantized.graph.node for o in n.output}
-    names = [t for t in names if t in quantized_names]
+    quantized_names = {o for n in quantized.graph.node for o in n.output} | {i.name for i in quantized.graph.input}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in float_model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def visible(t: str) -> str:
+        """The tensor itself, or the activation after it when ORT folded that activation into the QDQ."""
+        while t not in quantized_names and len(consumers.get(t, [])) == 1 and \
+                consumers[t][0].op_type in ("Relu", "Clip", "LeakyRelu"):
+            t = consumers[t][0].output[0]
+        return t
+
+    outs = {n.name: visible(n.output[0]) for n in nodes}
+    ins = {n.name: visible(n.input[0]) for n in nodes}
+    names = sorted({t for t in list(outs.values()) + list(ins.values()) if t in quantized_names})
     if not names:
         return None
     ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
@@ -119,7 +132,7 @@ def most_harmful_layer(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
         return float(((a - b) ** 2).sum() / max((a * a).sum(), 1e-12))
 
     errors = {t: err(t) for t in names}
-    added = {n.name: errors.get(n.output[0], 0.0) - errors.get(n.input[0], 0.0) for n in nodes if n.output[0] in errors}
+    added = {n.name: errors[outs[n.name]] - errors.get(ins[n.name], 0.0) for n in nodes if outs[n.name] in errors}
     return max(added, key=added.get) if added else None
 
 
