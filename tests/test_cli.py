@@ -126,3 +126,23 @@ def test_check_and_bench_commands(model_path: Path, tmp_path: Path, capsys) -> N
     assert main(["check", str(model_path), str(tmp_path / "missing.onnx"), "-q"]) == 2
     assert main(["bench", str(model_path), str(model_path), "--runs", "5", "--warmup", "1"]) == 0
     assert "vs first" in capsys.readouterr().out
+
+
+def test_json_reports_validate_against_the_schema(model_path: Path, tmp_path: Path) -> None:
+    import jsonschema
+    import numpy as np
+    schema = json.loads((Path(__file__).resolve().parents[1] / "onnxprune" / "schemas" / "report.schema.json").read_text())
+    npy = tmp_path / "c.npy"
+    np.save(npy, np.random.default_rng(0).standard_normal((8, 3, 112, 112)).astype(np.float32))
+    runs = {
+        "slim": ["slim", str(model_path), "--ratio", "0.3", "-o", str(tmp_path / "a.onnx")],
+        "calibrated": ["slim", str(model_path), "--ratio", "0.3", "--calib", str(npy), "-o", str(tmp_path / "b.onnx")],
+        "quantize": ["quantize", str(model_path), "--calib", str(npy), "-o", str(tmp_path / "c.onnx")],
+        "analysis": ["analyze", str(model_path)],
+    }
+    for name, argv in runs.items():
+        out = tmp_path / f"{name}.json"
+        assert main(argv + ["-q", "--json", str(out)]) == 0
+        jsonschema.validate(json.loads(out.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"schema": 1, "kind": "slim"}, schema)
