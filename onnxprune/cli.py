@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep layers whose node name matches this regex or glob intact; repeatable")
     common.add_argument("--no-simplify", action="store_true", help="do not run onnxsim before analysis")
     common.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    common.add_argument("--report", metavar="DIR", help="also write DIR/report.html (self-contained, with charts)")
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
     calib = argparse.ArgumentParser(add_help=False)
@@ -194,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="OUT.json")
     c.add_argument("--junit", metavar="OUT.xml", help="JUnit XML, one test case per threshold")
     c.add_argument("--markdown", metavar="OUT.md", help="summary table for a pull-request comment")
+    c.add_argument("--report", metavar="DIR", help="also write DIR/report.html")
     c.add_argument("-q", "--quiet", action="store_true")
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
@@ -257,6 +259,9 @@ def _check(args: argparse.Namespace, progress: "_Progress"):
         write_text_atomic(report.to_junit_xml(), args.junit)
     if args.markdown:
         write_text_atomic(report.to_markdown(), args.markdown)
+    if args.report:
+        from .html_report import write_report
+        write_report(report, args.report)
     return report, report.exit_code
 
 
@@ -284,12 +289,17 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
                       workers=args.workers, finetune_steps=args.finetune_steps, progress=progress)
         if int8:
             slim_report = result.report
+            preview = result.preview
             result = quantize(result.model, calibration, thresholds=args.thresholds, holdout=args.holdout,
                               task=args.task, progress=progress)
             result.report = CombinedReport(slim_report, result.report)
+            result.preview = result.preview or preview
     progress("writing")
     result.save(output, protect=[model])
     result.report.output = str(output)
+    if args.report:
+        from .html_report import write_report
+        write_report(result.report, args.report, getattr(result, "preview", ""))
     return result.report
 
 

@@ -70,6 +70,7 @@ class QuantizeReport:
 class QuantizeResult:
     model: onnx.ModelProto
     report: QuantizeReport
+    preview: str = ""
 
     def save(self, path, *, protect=()):
         from pathlib import Path
@@ -210,4 +211,4 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         ranges=len(record.ranges), fidelity=fidelity.to_dict() if fidelity else None,
         fidelity_summary=fidelity.summary() if fidelity else "", notes=notes + record.notes,
         seconds=time.perf_counter() - start)
-    return QuantizeResult(quantized, report)
+    return QuantizeResult(quantized, report, split.preview)

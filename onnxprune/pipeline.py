@@ -62,6 +62,7 @@ class SlimResult:
 
     model: onnx.ModelProto
     report: SlimReport
+    preview: str = ""  # SVG of detections on a held-out photo (detectors with calibration data)
 
     def save(self, path: str | Path, *, protect: Sequence[str | Path] = ()) -> Path:
         return save_atomic(self.model, path, protect=[Path(p) for p in protect])
@@ -251,7 +252,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         fidelity=fidelity.to_dict() if fidelity is not None else None,
         fidelity_summary=fidelity.summary() if fidelity is not None else "",
         finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None)
-    return SlimResult(pruned, report)
+    return SlimResult(pruned, report, calib.preview if calib is not None else "")
 
 
 def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:

@@ -146,3 +146,34 @@ def test_json_reports_validate_against_the_schema(model_path: Path, tmp_path: Pa
         jsonschema.validate(json.loads(out.read_text()), schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"schema": 1, "kind": "slim"}, schema)
+
+
+def test_html_report_is_self_contained(model_path: Path, tmp_path: Path) -> None:
+    from html.parser import HTMLParser
+    import numpy as np
+    npy = tmp_path / "c.npy"
+    np.save(npy, np.random.default_rng(0).standard_normal((8, 3, 112, 112)).astype(np.float32))
+    assert main(["slim", str(model_path), "--ratio", "0.3", "--calib", str(npy), "--report", str(tmp_path / "rep"),
+                 "-o", str(tmp_path / "o.onnx"), "-q"]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "Channels kept per layer" in page and "Sensitivity scan" in page and page.count("<svg") >= 2
+    assert "http://" not in page.replace("http://www.w3.org/2000/svg", "")  # no external assets
+
+    class Tags(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.open: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in ("meta", "rect", "line", "image", "br"):
+                self.open.append(tag)
+
+        def handle_endtag(self, tag):
+            if tag in ("rect", "line", "image"):
+                return
+            assert self.open and self.open[-1] == tag, (tag, self.open[-3:])
+            self.open.pop()
+
+    parser = Tags()
+    parser.feed(page)
+    assert not parser.open

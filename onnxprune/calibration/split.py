@@ -22,6 +22,7 @@ class CalibrationSplit:
     held: np.ndarray
     source: CalibrationSet
     batch: int = 8
+    preview: str = ""  # an SVG of the first held-out photo with both models' detections, for HTML reports
 
     @classmethod
     def split(cls, data: CalibrationSet, holdout: float, input_shapes: dict) -> "CalibrationSplit":
@@ -55,11 +56,28 @@ class CalibrationSplit:
         pieces = [data[i:i + 1] for i in range(len(data))] if one else [data[i:i + self.batch] for i in range(0, len(data), self.batch)]
         ref = [np.concatenate(x) for x in zip(*(ref_sess.run(None, {self.input_name: p}) for p in pieces))]
         got = [np.concatenate(x) for x in zip(*(new_sess.run(None, {self.input_name: p}) for p in pieces))]
-        hw = tuple(data.shape[2:4]) if data.ndim == 4 and data.shape[1] in (1, 3) else tuple(data.shape[1:3])
-        return evaluate(ref, got, names, hw, task)
+        nchw = data.ndim == 4 and data.shape[1] in (1, 3)
+        hw = tuple(data.shape[2:4]) if nchw else tuple(data.shape[1:3])
+        report = evaluate(ref, got, names, hw, task)
+        self.preview = ""
+        if report.detection_ap is not None and not any(n.startswith("score_") for n in names):
+            self.preview = _detection_preview(names, ref, got, data[0].transpose(1, 2, 0) if nchw else data[0], hw)
+        return report
 
     def describe(self) -> dict:
         return {"samples": len(self.fit) + len(self.held), "fit": len(self.fit), "held_out": len(self.held),
                 "files": self.source.files[:3] + (["..."] if len(self.source.files) > 3 else []),
                 "preprocess": str(self.source.preprocess) if self.source.preprocess else "array, used as is",
                 "notes": list(self.source.notes)}
+
+
+def _detection_preview(names, ref, got, image: np.ndarray, hw) -> str:
+    from ..fidelity import decode_retinaface
+    from ..html_report import detection_overlay
+    by_ref, by_got = dict(zip(names, ref)), dict(zip(names, got))
+    loc = next(n for n, o in by_ref.items() if o.ndim == 3 and o.shape[-1] == 4)
+    conf = next(n for n, o in by_ref.items() if o.ndim == 3 and o.shape[-1] == 2)
+    r = decode_retinaface(by_ref[loc][:1], by_ref[conf][:1], hw)[0]
+    g = decode_retinaface(by_got[loc][:1], by_got[conf][:1], hw)[0]
+    channels_last = image[..., ::-1] if image.shape[-1] == 3 else image  # presets feed BGR detectors: show RGB
+    return detection_overlay(channels_last, r, g)

@@ -79,6 +79,9 @@ def _atomic_write(out: Path, write) -> Path:
         raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, out)
     except OSError as exc:
         raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
