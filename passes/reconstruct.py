@@ -16,7 +16,8 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.activations import fixed_batch, session, exposing
+from ..calibration.activations import fixed_batch, session
+from ..graph.interface import exposing
 from ..channels.analysis import ChannelAnalysis
 
 

@@ -15,19 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..channels.analysis import ChannelAnalysis
-
-
-def exposing(model: onnx.ModelProto | ir.Model, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also outputs the tensors ``names``."""
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
-    existing = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in existing:
-            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-            existing.add(name)
-    return out
+from ..graph.interface import exposing
 
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import onnx
+import onnx_ir as ir
 
 
 def restore_interface(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -22,3 +25,16 @@ def restore_interface(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx
         if vi.name in outs:
             vi.CopyFrom(outs[vi.name])
     return model
+
+
+def exposing(model: onnx.ModelProto | ir.Model, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the tensors ``names`` (to read intermediate activations)."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    existing = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in existing:
+            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            existing.add(name)
+    return out

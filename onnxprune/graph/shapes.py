@@ -109,12 +109,8 @@ def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sha
 
 def _shapes_by_running(model: onnx.ModelProto, names: list[str], elem_types: Mapping[str, int],
                        input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    from .interface import exposing
+    probe = exposing(model, names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3

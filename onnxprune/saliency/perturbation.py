@@ -16,7 +16,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from ..calibration.activations import exposing, session
+from ..calibration.activations import session
+from ..graph.interface import exposing
 from ..errors import ConfigError
 from .criteria import ScoreContext, register_criterion
 
