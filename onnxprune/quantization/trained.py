@@ -103,7 +103,7 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
     for n in init:
         if n in names:
             lo, hi = bounds(n)
-            ranges[n] = (float(lo), float(hi))
+            ranges[n] = (float(lo.detach()), float(hi.detach()))
         else:
             ranges[n] = init[n]
     return ranges, [f"trained thresholds: calibration loss {initial:.5f} -> {final:.5f} in {steps} steps"]
