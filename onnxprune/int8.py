@@ -176,9 +176,15 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     notes += [f"--exclude {p!r} matched no node" for p in unmatched]
     ranges = None
     if thresholds == "trained":
-        from .quantization.trained import train_ranges
+        from .quantization.qdq import compute_ranges
+        from .quantization.trained import quantized_activations, train_ranges
+        say("activation ranges (mse) to start from")
+        init = compute_ranges(pre, split.input_name, split.batches, "mse", say)
+        first, _ = quantize_qdq(pre, split.input_name, split.batches, thresholds="mse", ranges=init,
+                                per_channel=per_channel, exclude_nodes=excluded)
         say("training activation thresholds")
-        ranges, train_notes = train_ranges(pre, split.input_name, split.batches)
+        ranges, train_notes = train_ranges(pre, split.input_name, split.batches, init=init,
+                                           only=quantized_activations(first))
         notes += train_notes
     say(f"quantizing ({thresholds})")
     quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,

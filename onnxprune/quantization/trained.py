@@ -6,7 +6,7 @@ fake-quantized once, per channel, as ORT will store them, and stay frozen. The t
 trained by gradient descent through a straight-through estimator of rounding to make the
 fake-quantized model reproduce the float model on the unlabelled calibration samples. The
 result is handed to ORT's quantizer like any other ranges, and is kept only if it lowered the
-calibration loss.
+loss on calibration samples held out of the training steps.
 """
 
 from __future__ import annotations
@@ -53,16 +53,27 @@ def _quantize_weights(module, model: onnx.ModelProto) -> None:
         p.data = torch.clamp(torch.round(w / scale), -127, 127) * scale
 
 
+def quantized_activations(qdq: onnx.ModelProto) -> set[str]:
+    """Float tensors ORT actually quantizes in a QDQ model: the inputs of its QuantizeLinear nodes."""
+    weights = {i.name for i in qdq.graph.initializer}
+    return {n.input[0] for n in qdq.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights}
+
+
 def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray], *, steps: int = 100,
-                 lr: float = 0.02, seed: int = 0) -> tuple[dict[str, tuple[float, float]], list[str]]:
-    """Trained (rmin, rmax) per activation tensor, initialised from the MSE ranges."""
+                 lr: float = 0.02, seed: int = 0, only: set[str] | None = None,
+                 init: dict[str, tuple[float, float]] | None = None) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """Trained (rmin, rmax) per activation tensor, initialised from the MSE ranges.
+
+    ``only``: the tensors ORT will quantize (see :func:`quantized_activations`); simulating others
+    would train thresholds for a different graph than the one that runs.
+    """
     torch.manual_seed(seed)
-    init = compute_ranges(model, input_name, batches, "mse")
+    init = init or compute_ranges(model, input_name, batches, "mse")
     module = to_torch(model).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     _quantize_weights(module, model)
-    names = [n for n, (lo, hi) in init.items() if hi > lo]
+    names = [n for n, (lo, hi) in init.items() if hi > lo and (only is None or n in only)]
     log_hi = {n: torch.tensor(math.log(max(init[n][1], 1e-6)), requires_grad=True) for n in names if init[n][1] > 0}
     log_lo = {n: torch.tensor(math.log(-init[n][0]), requires_grad=True) for n in names if init[n][0] < 0}
 
@@ -71,7 +82,7 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
         lo = -torch.exp(log_lo[n]) if n in log_lo else torch.tensor(0.0)
         return lo, hi
 
-    transform = {n: (lambda x, n=n: fake_quant(x, *bounds(n))) for n in names if x_is_float(n, model)}
+    transform = {n: (lambda x, n=n: fake_quant(x, *bounds(n))) for n in names}
     sess = session(model)
     one = fixed_batch(model)
     samples = np.concatenate(list(batches)).astype(np.float32)
@@ -83,9 +94,13 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
         outs, _ = module.run({input_name: torch.from_numpy(pieces[i])}, transform=transform)
         return sum(((o - t) ** 2).mean() / s for o, t, s in zip(outs, targets[i], scales))
 
+    # Every fifth piece validates: thresholds fitted to a few dozen images can overfit them.
+    val = list(range(0, len(pieces), 5)) if len(pieces) >= 5 else list(range(len(pieces)))
+    train = [i for i in range(len(pieces)) if i not in val] or val
+
     def total() -> float:
         with torch.no_grad():
-            return float(sum(loss_on(i) for i in range(len(pieces))) / len(pieces))
+            return float(sum(loss_on(i) for i in val) / len(val))
 
     params = list(log_hi.values()) + list(log_lo.values())
     initial = total()
@@ -93,12 +108,12 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
     rng = np.random.default_rng(seed)
     for _ in range(steps):
         opt.zero_grad()
-        loss = loss_on(int(rng.integers(len(pieces))))
+        loss = loss_on(train[int(rng.integers(len(train)))])
         loss.backward()
         opt.step()
     final = total()
     if not final < initial:
-        return init, [f"trained thresholds did not lower the calibration loss ({initial:.5f} -> {final:.5f}); kept mse"]
+        return init, [f"trained thresholds did not lower the validation loss ({initial:.5f} -> {final:.5f}); kept mse"]
     ranges = {}
     for n in init:
         if n in names:
@@ -106,9 +121,4 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
             ranges[n] = (float(lo.detach()), float(hi.detach()))
         else:
             ranges[n] = init[n]
-    return ranges, [f"trained thresholds: calibration loss {initial:.5f} -> {final:.5f} in {steps} steps"]
-
-
-def x_is_float(name: str, model: onnx.ModelProto) -> bool:
-    """Only float activations are fake-quantized (shape tensors and indices pass through)."""
-    return True
+    return ranges, [f"trained thresholds: validation loss {initial:.5f} -> {final:.5f} in {steps} steps"]
