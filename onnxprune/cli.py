@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import ConfigError, OnnxPruneError
-from .calibration import PRESETS, Preprocess, load_calibration, parse_floats, parse_size
+from .calibration import PRESETS, Preprocess, load_calibration, load_identities, parse_floats, parse_size
 from .fidelity import TASKS
 from .graph.io import check_writable, load_proto, write_text_atomic
 from .graph.shapes import parse_input_shape
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--holdout", type=float, default=0.25, metavar="F",
                      help="share of the samples kept out of fitting to measure fidelity (default 0.25)")
     cal.add_argument("--task", choices=list(TASKS), default="auto", help="fidelity metric (default: guessed from outputs)")
+    cal.add_argument("--identities", metavar="DIR",
+                     help="recognizers: DIR/<person>/<crops>; reports verification accuracy and FNMR@FMR before/after")
 
     crit = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
     p = sub.add_parser("slim", parents=[common, calib], help="remove channels to shrink a model",
@@ -286,7 +288,9 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
                       input_shapes=_shapes(args.input_shape), min_keep=args.min_keep, simplify=not args.no_simplify,
                       calibration=calibration, allocation=args.allocation,
                       recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
-                      workers=args.workers, finetune_steps=args.finetune_steps, progress=progress)
+                      workers=args.workers, finetune_steps=args.finetune_steps,
+                      identities=load_identities(args.identities, load_proto(model), calibration)
+                      if args.identities and calibration is not None else None, progress=progress)
         if int8:
             slim_report = result.report
             preview = result.preview

@@ -140,7 +140,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
          exclude: Sequence[str] = (), input_shapes: Mapping[str, Shape] | None = None, min_keep: float = 0.1,
          simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
          recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
-         finetune_steps: int = 0,
+         finetune_steps: int = 0, identities: tuple[np.ndarray, list[str]] | None = None,
          executor: Executor | None = None, progress: Progress | None = None) -> SlimResult:
     """Remove about ``ratio`` of the model's parameters by deleting whole channels.
 
@@ -169,6 +169,8 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
 
     calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes) if calibration is not None else None
+    if calib is not None:
+        calib.identities = identities
     if calib is None:
         warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
     moments = None

@@ -144,3 +144,32 @@ def test_trained_recognizer_keeps_embeddings_with_calibration() -> None:
     naive = float(np.mean((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)))
     assert abs(calibrated.report.achieved_ratio - 0.3) <= 0.01
     assert held > 0.8 and held > naive + 0.3, (held, naive)
+
+
+def test_identities_folder_errors(tmp_path: Path) -> None:
+    from onnxprune.calibration import load_identities
+    model = PATTERNS["chain"](0)
+    data = CalibrationSet("x", [np.zeros((2, 3, 16, 16), np.float32)], [], None, [])
+    with pytest.raises(onnxprune.ConfigError, match="does not exist"):
+        load_identities(tmp_path / "nope", model, data)
+    (tmp_path / "only_one").mkdir()
+    with pytest.raises(onnxprune.ConfigError, match="subfolders per person"):
+        load_identities(tmp_path, model, data)
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "mobilefacenet_paddle.onnx").exists(), reason="../shared not available")
+def test_verification_on_identity_folders(tmp_path: Path) -> None:
+    import shutil
+    from onnxprune.calibration import load_identities
+    crops = SHARED / "data" / "faces112"
+    for person, stems in {"biden": ["biden_0", "biden2_0"], "obama": ["obama_0", "obama2_0"], "kit": ["john1_0", "john2_0"]}.items():
+        (tmp_path / person).mkdir()
+        for stem in stems:
+            shutil.copy(crops / f"{stem}.png", tmp_path / person)
+    model = onnx.load(str(SHARED / "models" / "mobilefacenet_paddle.onnx"))
+    data = load_calibration(crops, model, preset="arcface", count=16)
+    ids = load_identities(tmp_path, model, data)
+    assert len(ids[1]) == 6
+    report = onnxprune.slim(model, 0.3, calibration=data, identities=ids).report.fidelity
+    assert report["verification_ref"]["auc"] == 1.0
+    assert 0.0 <= report["verification_got"]["auc"] <= 1.0

@@ -366,3 +366,23 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, count: int = 6
     if dims is not None:
         _check_array(name, dims, dtype, data, "preprocessing", _HINT)
     return CalibrationSet(name, [data], [str(f) for f in files], replace(pre, size=size), notes)
+
+
+def load_identities(path: str | Path, model: onnx.ModelProto, data: CalibrationSet) -> tuple[np.ndarray, list[str]]:
+    """Labelled face crops for verification: ``path/<person>/*.png``, preprocessed like ``data``."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"identities folder {root} does not exist")
+    people = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    samples, labels = [], []
+    for person in people:
+        try:
+            found = load_calibration(person, model, count=10_000, preprocess=data.preprocess)
+        except ConfigError:
+            continue  # a folder without readable images
+        samples.append(found.samples())
+        labels += [person.name] * len(found)
+    counts = {p: labels.count(p) for p in set(labels)}
+    if len(counts) < 2 or max(counts.values()) < 2:
+        raise ConfigError(f"{root} needs subfolders per person, at least two people and one person with two images")
+    return np.concatenate(samples), labels

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..fidelity import FidelityReport, evaluate
+from ..fidelity import FidelityReport, evaluate, verification
 from .activations import fixed_batch, session
 from .data import CalibrationSet
 
@@ -22,6 +22,7 @@ class CalibrationSplit:
     held: np.ndarray
     source: CalibrationSet
     batch: int = 8
+    identities: tuple[np.ndarray, list[str]] | None = None  # labelled crops for verification (embeddings)
     preview: str = ""  # an SVG of the first held-out photo with both models' detections, for HTML reports
 
     @classmethod
@@ -59,6 +60,10 @@ class CalibrationSplit:
         nchw = data.ndim == 4 and data.shape[1] in (1, 3)
         hw = tuple(data.shape[2:4]) if nchw else tuple(data.shape[1:3])
         report = evaluate(ref, got, names, hw, task)
+        if self.identities is not None and report.embedding is not None:
+            x, labels = self.identities
+            report.verification_ref = verification(ref_sess.run(None, {self.input_name: x})[0], labels)
+            report.verification_got = verification(new_sess.run(None, {self.input_name: x})[0], labels)
         self.preview = ""
         if report.detection_ap is not None and not any(n.startswith("score_") for n in names):
             self.preview = _detection_preview(names, ref, got, data[0].transpose(1, 2, 0) if nchw else data[0], hw)
