@@ -14,8 +14,6 @@ median of interleaved runs) as a ratio to fp32 measured in the same run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +21,13 @@ import onnx
 import onnxruntime as ort
 
 import onnxprune
+from onnxprune.bench import interleaved_times
+from onnxprune.graph.runtime import session
 from onnxprune.calibration import load_calibration
 from onnxprune.int8 import quantize
 from onnxprune.sample_models import load_sample
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def _task(f: dict) -> str:
@@ -68,18 +60,9 @@ def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool)
         variants.append(("slim 0.69 + int8", q.model, None))  # fidelity below is vs the slim model: recomputed
     inp = model.graph.input[0].name
     x = data.samples()[:1]
-    sessions = {n: _session(m) for n, m, _ in variants}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {inp: x})
-    times: dict[str, list[float]] = {n: [] for n in sessions}
-    rng = np.random.default_rng(0)
-    for _ in range(rounds):
-        for n in rng.permutation(list(sessions)):
-            t0 = time.perf_counter()
-            sessions[n].run(None, {inp: x})
-            times[n].append(time.perf_counter() - t0)
-    med = {n: statistics.median(t) for n, t in times.items()}
+    sessions = {n: session(m, threads=1) for n, m, _ in variants}
+    times = interleaved_times(list(sessions.values()), {inp: x}, rounds, warmup=3)
+    med = {n: float(np.median(times[:, i])) / 1e3 for i, n in enumerate(sessions)}  # seconds
     print(f"\n== {name}: fp32 {med['fp32'] * 1e3:.2f} ms (median of {rounds}, 1 thread); fidelity on held-out images")
     print(f"{'variant':18s} {'worst SQNR':>10s} {'cosine':>7s} {'task':>11s} {'size MB':>8s} {'latency':>8s} {'speed-up':>8s}")
     for n, m, f in variants:

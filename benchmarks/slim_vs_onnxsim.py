@@ -13,7 +13,6 @@ sparsity is bisected to remove the same share of parameters as onnxprune did.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ import onnx
 import onnxruntime as ort
 
 import onnxprune
+from onnxprune.bench import interleaved_times
+from onnxprune.graph.runtime import session
 from onnxprune.graph.metrics import count_macs, count_params
 from onnxprune.graph.shapes import infer_concrete_shapes
 from onnxprune.sample_models import GENERATED, load_sample
@@ -54,16 +55,6 @@ def _images(kind: str, shape: tuple[int, ...], n: int) -> list[np.ndarray]:
     return out
 
 
-def _session(model: onnx.ModelProto, optimize: bool = True) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 def _weighted_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     return {n.name: inits.get(n.input[1], ()) for n in model.graph.node
@@ -83,7 +74,7 @@ def _layers_shrunk(orig: onnx.ModelProto, pruned: onnx.ModelProto) -> float:
 def _runs(model: onnx.ModelProto, inp: str, shape: tuple[int, ...]) -> str | None:
     try:
         for optimize in (True, False):  # some broken graphs only fail without ORT's fusions
-            _session(model, optimize).run(None, {inp: np.zeros(shape, np.float32)})
+            session(model, threads=1, optimize=optimize).run(None, {inp: np.zeros(shape, np.float32)})
         onnx.checker.check_model(model)
         return None
     except Exception as exc:  # ORT raises several types
@@ -144,19 +135,10 @@ def bench(name: str, model: onnx.ModelProto, kind: str, rounds: int, n_images: i
         sim, _, note = _onnxsim_at(model, res.report.achieved_ratio, inp, shape)
         variants[f"onnxsim   {r:.2f}"] = (sim, note)
 
-    sessions = {k: _session(m) for k, (m, _) in variants.items() if m is not None}
+    sessions = {k: session(m, threads=1) for k, (m, _) in variants.items() if m is not None}
     outputs = {k: [s.run(None, {inp: x}) for x in images] for k, s in sessions.items()}
-    feed = {inp: images[0]}
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, feed)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for k in np.random.default_rng(len(times[next(iter(times))])).permutation(list(sessions)):
-            t0 = time.perf_counter()
-            sessions[k].run(None, feed)
-            times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    times = interleaved_times(list(sessions.values()), {inp: images[0]}, rounds, warmup=3)
+    med = {k: float(np.median(times[:, i])) / 1e3 for i, k in enumerate(sessions)}  # seconds
 
     p0, shapes0 = count_params(model), infer_concrete_shapes(model, {inp: shape})
     m0 = count_macs(model, shapes0)

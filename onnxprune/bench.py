@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelLoadError
 from .graph.io import ModelLike, load_proto
 from .graph.metrics import ModelCost, model_cost
 from .graph.shapes import Shape, random_inputs, representative_shapes
+from .quantization.qdq import is_int8_kernel
 from .report import SCHEMA_VERSION, _big, _shapes
 
 # Dense float compute as it appears after ORT's fusions (FusedConv etc. are com.microsoft ops).
@@ -241,7 +242,7 @@ def _count_nodes(path: str) -> tuple[int, int]:
     except Exception:  # optimised-model saving is best effort (some EPs refuse it)
         return 0, 0
     ops = [n.op_type for n in graph.node]
-    int8 = sum(op.startswith("QLinear") or op.endswith("Integer") for op in ops)
+    int8 = sum(is_int8_kernel(op) for op in ops)
     return int8, sum(op in FLOAT_COMPUTE_OPS for op in ops)
 
 

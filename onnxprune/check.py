@@ -25,7 +25,8 @@ from .fidelity import TASKS, FidelityReport
 from .graph.io import ModelLike, load_proto
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .report import SCHEMA_VERSION
-from .verify import interface, session
+from .graph.runtime import session
+from .verify import interface
 
 # Direction of each threshold, for people reading the report.
 _OPS = {"fidelity": "≥", "fidelity_drop": "≤", "speedup": "≥", "size_ratio": "≤"}

@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from .errors import ConfigError
 from .fidelity import TASKS, conf_is_softmaxed, guess_task
+from .graph.runtime import fixed_batch, pieces, run_all, session
 
 BATCH = 8  # samples per step (CPU training of a face model: ~1 s a step)
 MAX_SHIFT = 0.04  # random translation, as a fraction of H/W
@@ -38,14 +39,6 @@ def _torch():
     except ImportError:
         raise ConfigError("distillation needs PyTorch: pip install 'onnxprune[torch]'") from None
     return torch
-
-
-def _fixed_batch(proto: onnx.ModelProto, input_name: str) -> bool:
-    for vi in proto.graph.input:
-        if vi.name == input_name:
-            dims = vi.type.tensor_type.shape.dim
-            return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
-    return False
 
 
 def _run(module: Any, input_name: str, x: Any, one_by_one: bool) -> list[Any]:
@@ -83,11 +76,9 @@ class _Teacher:
     """The original model in ONNX Runtime: float outputs for a torch batch, as torch tensors."""
 
     def __init__(self, model: onnx.ModelProto, input_name: str) -> None:
-        from .calibration.activations import session
-
+        self.model = model
         self.sess = session(model)
         self.input_name = input_name
-        self.one = _fixed_batch(model, input_name)
         outs = self.sess.get_outputs()
         self.index = [i for i, o in enumerate(outs) if "float" in o.type or "double" in o.type]
         self.names = [outs[i].name for i in self.index]
@@ -95,9 +86,8 @@ class _Teacher:
     def __call__(self, x: Any) -> list[Any]:
         torch = _torch()
         arr = x.detach().cpu().numpy().astype(np.float32, copy=False)
-        pieces = [arr[i:i + 1] for i in range(len(arr))] if self.one else [arr]
-        runs = [self.sess.run(None, {self.input_name: p}) for p in pieces]
-        return [torch.from_numpy(np.concatenate([r[i] for r in runs])) for i in self.index]
+        outs = run_all(self.sess, self.input_name, pieces(self.model, [arr], self.input_name))
+        return [torch.from_numpy(outs[i]) for i in self.index]
 
 
 class _Loss:
@@ -156,7 +146,7 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
     except NotImplementedError as exc:
         raise ConfigError(f"distillation cannot run this graph in PyTorch: {exc}") from None
     student.eval()
-    one_s = _fixed_batch(pruned_proto, input_name)
+    one_s = fixed_batch(pruned_proto, input_name)
     teacher = _Teacher(original, input_name)  # frozen: ONNX Runtime is several times faster than torch here
 
     data = np.concatenate([np.asarray(b) for b in batches]).astype(np.float32, copy=False)

@@ -22,7 +22,8 @@ from .graph.io import ModelLike, load_proto
 from .graph.shapes import representative_shapes
 from .passes import equalize
 from .pipeline import prepare
-from .quantization import THRESHOLDS, check_not_quantized, int8_kernels, pre_process, quantize_qdq, to_opset13
+from .quantization import (THRESHOLDS, check_not_quantized, int8_kernels, is_int8_kernel, pre_process, quantize_qdq,
+                           to_opset13)
 from .verify import verify
 
 DEFAULT_THRESHOLDS = "mse"
@@ -48,7 +49,7 @@ class QuantizeReport:
         return {"schema": 1, "kind": "quantize", **asdict(self)}
 
     def summary(self) -> str:
-        int8 = sum(v for k, v in self.kernels.items() if k.startswith("QLinear") or k.endswith("Integer"))
+        int8 = sum(v for k, v in self.kernels.items() if is_int8_kernel(k))
         lines = [
             f"model: {self.model}" + (f" -> {self.output}" if self.output else ""),
             f"int8 QDQ: weights int8 per-{'channel' if self.per_channel else 'tensor'} symmetric, activations uint8, "

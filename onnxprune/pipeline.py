@@ -157,8 +157,13 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
     _check_options(ratio, round_to, min_keep, allocation, task, holdout)
     criterion = criterion or (CALIBRATED_CRITERION if calibration is not None else DEFAULT_CRITERION)
     score_fn = get_criterion(criterion)
-    if criterion in NEEDS_CALIBRATION and calibration is None:
-        raise ConfigError(f"criterion {criterion} needs calibration data (--calib)")
+    if calibration is None:  # before any work: these options cannot run without data
+        if criterion in NEEDS_CALIBRATION:
+            raise ConfigError(f"criterion {criterion} needs calibration data (--calib)")
+        if recover:
+            raise ConfigError("--recover needs calibration data (--calib)")
+        if finetune_steps:
+            raise ConfigError("--finetune-steps needs calibration data (--calib)")
     say = progress or (lambda _: None)
     prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
     say("analysing channel dependencies")
@@ -168,13 +173,12 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         reasons = sorted({r for g in analysis.groups for r in g.reasons})
         raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
 
-    calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes) if calibration is not None else None
-    if calib is not None:
-        calib.identities = identities
-    if calib is None:
+    calib, moments = None, None
+    if calibration is None:
         warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
-    moments = None
-    if calib is not None:
+    else:
+        calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
+        calib.identities = identities
         say(f"collecting activation statistics on {calib.count} samples")
         moments = consumer_moments(prep.model, analysis, calib.input_name, calib.batches)
     params_in = count_params(prep.original)
@@ -212,12 +216,8 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         say("refitting layers on calibration data")
         pruned_ir, rec = reconstruct(prep.model, pruned_ir, analysis, alloc.removed, calib.input_name, calib.batches)
         refits = rec.layers
-    elif recover and calib is None:
-        raise ConfigError("--recover needs calibration data (--calib)")
     finetune = None
-    if finetune_steps:
-        if calib is None:
-            raise ConfigError("--finetune-steps needs calibration data (--calib)")
+    if finetune_steps and calib is not None:
         from .finetune import distill
         say(f"distilling from the original ({finetune_steps} steps)")
         tuned, finetune = distill(prep.original, pruned_ir, calib.input_name, calib.batches, steps=finetune_steps,

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from .calibration.activations import fixed_batch, session
+from .graph.runtime import pieces, run_all, session
 from .channels.analysis import ChannelAnalysis
 from .passes import remove_channels
 
@@ -52,13 +52,7 @@ def distortion(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> float:
 
 def _run(model: ir.Model | object, input_name: str, batches: list[np.ndarray]) -> list[np.ndarray]:
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    sess = session(proto, threads=1)
-    one = fixed_batch(proto)
-    outs: list[list[np.ndarray]] = []
-    for batch in batches:
-        for x in ([batch[i:i + 1] for i in range(len(batch))] if one else [batch]):
-            outs.append(sess.run(None, {input_name: x}))
-    return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
+    return run_all(session(proto, threads=1), input_name, pieces(proto, batches, input_name))
 
 
 def scan(model: ir.Model, analysis: ChannelAnalysis, scores: dict[int, float], input_name: str,

@@ -312,12 +312,16 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONVT = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
+def _conv_geometry(n: _Node, w) -> tuple[int, list[int], list[int], list[int]]:
+    """Spatial rank, kernel, strides and dilations of a Conv/ConvTranspose node (ONNX defaults)."""
+    nd = w.dim() - 2
+    return (nd, list(n.attrs.get("kernel_shape", w.shape[2:])), list(n.attrs.get("strides", [1] * nd)),
+            list(n.attrs.get("dilations", [1] * nd)))
+
+
 @_op("Conv")
 def _conv(c: _Ctx, n: _Node, x, w, b=None):
-    nd = w.dim() - 2
-    kernel = list(n.attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(n.attrs.get("strides", [1] * nd))
-    dil = list(n.attrs.get("dilations", [1] * nd))
+    nd, kernel, strides, dil = _conv_geometry(n, w)
     pads = _pads(n, x, kernel, strides, dil)
     sym = _sym(pads)
     if sym is None:
@@ -328,10 +332,7 @@ def _conv(c: _Ctx, n: _Node, x, w, b=None):
 
 @_op("ConvTranspose")
 def _conv_transpose(c: _Ctx, n: _Node, x, w, b=None):
-    nd = w.dim() - 2
-    kernel = list(n.attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(n.attrs.get("strides", [1] * nd))
-    dil = list(n.attrs.get("dilations", [1] * nd))
+    nd, kernel, strides, dil = _conv_geometry(n, w)
     out_pad = list(n.attrs.get("output_padding", [0] * nd))
     group = int(n.attrs.get("group", 1))
     y = _CONVT[nd](x, w, None, strides, 0, 0, group, dil)

@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import VerificationError
+from .graph.runtime import session
 from .graph.shapes import Shape, graph_inputs, random_inputs
 
 
@@ -37,14 +38,6 @@ def interface(model: onnx.ModelProto) -> tuple[list[tuple], list[tuple]]:
     return [_signature(i) for i in graph_inputs(model)], [_signature(o) for o in model.graph.output]
 
 
-def session(model: onnx.ModelProto, threads: int = 1) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_shapes: Mapping[str, Shape],
            seed: int = 0) -> Verification:
     """Raise VerificationError unless ``rewritten`` is a valid drop-in replacement for ``original``."""
@@ -55,10 +48,10 @@ def verify(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_shapes: 
     if interface(original) != interface(rewritten):
         raise VerificationError("output model changed the graph inputs or outputs (names, types or shapes)")
     try:
-        new_sess = session(rewritten)
+        new_sess = session(rewritten, threads=1)
     except Exception as exc:  # ORT raises several unrelated types
         raise VerificationError(f"ONNX Runtime cannot load the output model: {str(exc).splitlines()[0][:200]}") from None
-    ref_sess = session(original)
+    ref_sess = session(original, threads=1)
     feeds = random_inputs(ref_sess, input_shapes, np.random.default_rng(seed))
     ref = ref_sess.run(None, feeds)
     try:

@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from ..calibration.activations import fixed_batch, session
+from ..graph.runtime import pieces, session
 from ..graph.interface import exposing
 from ..channels.analysis import ChannelAnalysis
 
@@ -75,20 +75,18 @@ def _accumulate(original: ir.Model, pruned: ir.Model, targets: list[_Target], in
     orig_names = [o.name for o in orig_sess.get_outputs()]
     new_names = [o.name for o in new_sess.get_outputs()]
     nodes = {n.name: n for n in pruned.graph}
-    one = fixed_batch(original)
     rng = np.random.default_rng(seed)
-    for batch in batches:
-        for x in ([batch[i:i + 1] for i in range(len(batch))] if one else [batch]):
-            ys = dict(zip(orig_names, orig_sess.run(None, {input_name: x})))
-            xs = dict(zip(new_names, new_sess.run(None, {input_name: x})))
-            for t in targets:
-                X, Y = _rows(t, nodes[t.node], xs[t.in_name], ys[t.out_name], rng, rows_per_image)
-                X = np.hstack([X, np.ones((len(X), 1))])
-                Y = Y[:, t.keep_out]
-                t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
-                t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
-                t.yy += float((Y * Y).sum())
-                t.rows += len(X)
+    for x in pieces(original, batches, input_name):
+        ys = dict(zip(orig_names, orig_sess.run(None, {input_name: x})))
+        xs = dict(zip(new_names, new_sess.run(None, {input_name: x})))
+        for t in targets:
+            X, Y = _rows(t, nodes[t.node], xs[t.in_name], ys[t.out_name], rng, rows_per_image)
+            X = np.hstack([X, np.ones((len(X), 1))])
+            Y = Y[:, t.keep_out]
+            t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
+            t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
+            t.yy += float((Y * Y).sum())
+            t.rows += len(X)
 
 
 def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis, removed: set[int],

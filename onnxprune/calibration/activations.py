@@ -12,27 +12,10 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 
 from ..channels.analysis import ChannelAnalysis
 from ..graph.interface import exposing
-
-
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def fixed_batch(model: onnx.ModelProto | ir.Model) -> bool:
-    """True when the model's first input has a fixed batch of 1: feed samples one by one."""
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    inits = {i.name for i in proto.graph.initializer}
-    first = next(i for i in proto.graph.input if i.name not in inits)
-    dims = first.type.tensor_type.shape.dim
-    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+from ..graph.runtime import pieces, session
 
 
 def stream(model: onnx.ModelProto | ir.Model, names: list[str], input_name: str, batches: Iterable[np.ndarray],
@@ -41,11 +24,8 @@ def stream(model: onnx.ModelProto | ir.Model, names: list[str], input_name: str,
     exposed = exposing(model, names)
     sess = session(exposed)
     out_names = [o.name for o in sess.get_outputs()]
-    one_by_one = fixed_batch(exposed)
-    for batch in batches:
-        pieces = [batch[i:i + 1] for i in range(len(batch))] if one_by_one else [batch]
-        for x in pieces:
-            consume(dict(zip(out_names, sess.run(None, {input_name: x}))))
+    for x in pieces(exposed, batches, input_name):
+        consume(dict(zip(out_names, sess.run(None, {input_name: x}))))
 
 
 class ChannelMoments:

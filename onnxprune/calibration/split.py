@@ -9,7 +9,7 @@ import onnx
 
 from ..errors import ConfigError
 from ..fidelity import FidelityReport, evaluate, verification
-from .activations import fixed_batch, session
+from ..graph.runtime import pieces, run_all, session
 from .data import CalibrationSet
 
 
@@ -53,10 +53,8 @@ class CalibrationSplit:
         data = self.held if len(self.held) else self.fit
         ref_sess, new_sess = session(original), session(pruned)
         names = [o.name for o in ref_sess.get_outputs()]
-        one = fixed_batch(original)
-        pieces = [data[i:i + 1] for i in range(len(data))] if one else [data[i:i + self.batch] for i in range(0, len(data), self.batch)]
-        ref = [np.concatenate(x) for x in zip(*(ref_sess.run(None, {self.input_name: p}) for p in pieces))]
-        got = [np.concatenate(x) for x in zip(*(new_sess.run(None, {self.input_name: p}) for p in pieces))]
+        feeds = pieces(original, [data[i:i + self.batch] for i in range(0, len(data), self.batch)], self.input_name)
+        ref, got = run_all(ref_sess, self.input_name, feeds), run_all(new_sess, self.input_name, feeds)
         nchw = data.ndim == 4 and data.shape[1] in (1, 3)
         hw = tuple(data.shape[2:4]) if nchw else tuple(data.shape[1:3])
         report = evaluate(ref, got, names, hw, task)

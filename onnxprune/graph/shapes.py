@@ -110,12 +110,10 @@ def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sha
 def _shapes_by_running(model: onnx.ModelProto, names: list[str], elem_types: Mapping[str, int],
                        input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
     from .interface import exposing
+    from .runtime import session
     probe = exposing(model, names)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        sess = session(probe, optimize=False)
     except Exception:
         return {}
     feeds = random_inputs(sess, input_shapes, np.random.default_rng(0))

@@ -31,6 +31,11 @@ QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMa
                  "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
 
 
+def is_int8_kernel(op_type: str) -> bool:
+    """Op types of ORT's optimised graph that compute in int8 (QLinearConv, ConvInteger...)."""
+    return op_type.startswith("QLinear") or op_type.endswith("Integer")
+
+
 @dataclass
 class QuantizeRecord:
     thresholds: str

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..calibration.activations import fixed_batch, session
+from ..graph.runtime import pieces, session
 from ..torch_bridge import to_torch
 from .qdq import compute_ranges
 
@@ -84,19 +84,18 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
 
     transform = {n: (lambda x, n=n: fake_quant(x, *bounds(n))) for n in names}
     sess = session(model)
-    one = fixed_batch(model)
     samples = np.concatenate(list(batches)).astype(np.float32)
-    pieces = [samples[i:i + 1] for i in range(len(samples))] if one else [samples[i:i + 8] for i in range(0, len(samples), 8)]
-    targets = [[torch.from_numpy(np.asarray(o, np.float32)) for o in sess.run(None, {input_name: x})] for x in pieces]
+    feeds = pieces(model, [samples[i:i + 8] for i in range(0, len(samples), 8)], input_name)
+    targets = [[torch.from_numpy(np.asarray(o, np.float32)) for o in sess.run(None, {input_name: x})] for x in feeds]
     scales = [max(float(torch.stack([t[k].var() for t in targets]).mean()), 1e-12) for k in range(len(targets[0]))]
 
     def loss_on(i: int) -> torch.Tensor:
-        outs, _ = module.run({input_name: torch.from_numpy(pieces[i])}, transform=transform)
+        outs, _ = module.run({input_name: torch.from_numpy(feeds[i])}, transform=transform)
         return sum(((o - t) ** 2).mean() / s for o, t, s in zip(outs, targets[i], scales))
 
     # Every fifth piece validates: thresholds fitted to a few dozen images can overfit them.
-    val = list(range(0, len(pieces), 5)) if len(pieces) >= 5 else list(range(len(pieces)))
-    train = [i for i in range(len(pieces)) if i not in val] or val
+    val = list(range(0, len(feeds), 5)) if len(feeds) >= 5 else list(range(len(feeds)))
+    train = [i for i in range(len(feeds)) if i not in val] or val
 
     def total() -> float:
         with torch.no_grad():

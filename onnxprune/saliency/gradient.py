@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
+from ..graph.runtime import pieces
 from .criteria import ScoreContext, register_criterion
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,25 +57,6 @@ def _module(model: Any, dtype: Any = None) -> "OnnxModule":
         raise ConfigError(f"gradient criteria cannot run this graph in PyTorch: {exc}") from None
     module.eval()
     return module.to(dtype) if dtype is not None else module
-
-
-def _input_dims(model: Any, input_name: str) -> list[Any]:
-    """Declared dims of ``input_name`` (ints, or None where symbolic/unknown)."""
-    graph = model.graph
-    value = next((v for v in graph.inputs if v.name == input_name or not input_name), None)
-    if value is None or value.shape is None:
-        return []
-    return [d if isinstance(d, int) else None for d in value.shape]
-
-
-def _pieces(model: Any, input_name: str, batches: Sequence[np.ndarray]) -> list[np.ndarray]:
-    """Batches, split into single samples when the model's batch dim is fixed to 1."""
-    dims = _input_dims(model, input_name)
-    one = bool(dims) and dims[0] == 1
-    out: list[np.ndarray] = []
-    for b in batches:
-        out.extend([b[i:i + 1] for i in range(len(b))] if one and len(b) > 1 else [b])
-    return out
 
 
 def _float_outputs(outputs: Iterable["torch.Tensor"]) -> list["torch.Tensor"]:
@@ -196,7 +178,7 @@ def unit_scores_from_weights(ctx: ScoreContext, saliency: dict[str, np.ndarray],
 def _batches(ctx: ScoreContext, name: str) -> list[np.ndarray]:
     if not ctx.batches or ctx.model is None:
         raise ConfigError(f"criterion {name} needs calibration data (--calib)")
-    return _pieces(ctx.model, ctx.input_name, ctx.batches)
+    return pieces(ctx.model, ctx.batches, ctx.input_name or None)
 
 
 def _input_name(ctx: ScoreContext) -> str:

@@ -16,9 +16,10 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from ..calibration.activations import session
+from ..graph.runtime import session
 from ..graph.interface import exposing
 from ..errors import ConfigError
+from ..sensitivity import distortion
 from .criteria import ScoreContext, register_criterion
 
 SAMPLES = 4  # calibration samples per measurement
@@ -41,16 +42,6 @@ def _masked_graph(model: onnx.ModelProto, tensors: list[tuple[str, int]]) -> onn
         g.node.append(helper.make_node("Add", [f"{name}__kept", f"fill_{i}"], [name], name=f"perturb_add_{i}"))
     del g.value_info[:]
     return onnx.shape_inference.infer_shapes(out)
-
-
-def _distortion(ref: list[np.ndarray], got: list[np.ndarray], replicas: int, samples: int) -> np.ndarray:
-    """Relative squared output error per replica, summed over outputs."""
-    total = np.zeros(replicas)
-    for a, b in zip(ref, got):
-        a = np.asarray(a, np.float64).reshape(samples, -1)
-        b = np.asarray(b, np.float64).reshape(replicas, samples, -1)
-        total += ((b - a[None]) ** 2).sum(axis=(1, 2)) / max((a * a).sum(), 1e-12)
-    return total
 
 
 @register_criterion("perturbation", "measured output distortion when the channel is replaced by its mean "
@@ -97,6 +88,6 @@ def perturbation(ctx: ScoreContext) -> dict[int, float]:
                 feeds[f"keep_{i}"] = keep.reshape(shape)
                 feeds[f"fill_{i}"] = fill.reshape(shape).astype(np.float32)
             got = sess.run(None, feeds)
-            for u, d in zip(chunk, _distortion(reference, got, len(chunk), SAMPLES)):
-                scores[u] = float(d)
+            for r, u in enumerate(chunk):  # replica r masked unit u on its SAMPLES copies
+                scores[u] = distortion(reference, [g[r * SAMPLES:(r + 1) * SAMPLES] for g in got])
     return {u: scores.get(u, 0.0) for u in a.units}

@@ -1,0 +1,51 @@
+"""Running a model in ONNX Runtime the way every stage does: one session recipe, one batching rule."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from .shapes import graph_inputs
+
+
+def session(model: onnx.ModelProto, threads: int = 0, *, optimize: bool = True) -> ort.InferenceSession:
+    """A quiet CPU session; ``threads`` > 0 pins the intra-op pool (benchmarks and checks use 1)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def fixed_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> bool:
+    """True when the input (the first real one by default) has its batch dim fixed to 1."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    inputs = graph_inputs(proto)
+    first = next((i for i in inputs if i.name == input_name), None) if input_name else (inputs[0] if inputs else None)
+    if first is None:
+        return False
+    dims = first.type.tensor_type.shape.dim
+    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+
+
+def pieces(model: onnx.ModelProto | ir.Model, batches: Iterable[np.ndarray], input_name: str | None = None
+           ) -> list[np.ndarray]:
+    """``batches`` as the model can take them: split into single samples when its batch is fixed to 1."""
+    one = fixed_batch(model, input_name)
+    out: list[np.ndarray] = []
+    for b in batches:
+        out.extend([b[i:i + 1] for i in range(len(b))] if one else [b])
+    return out
+
+
+def run_all(sess: ort.InferenceSession, input_name: str, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Every output over all ``feeds``, concatenated along the batch axis."""
+    runs = [sess.run(None, {input_name: x}) for x in feeds]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
