@@ -2,7 +2,8 @@
 """int8 side by side: ONNX Runtime's own calibrators vs onnxprune's ranges, same models, same data, one run.
 
 Rows per model: fp32; ORT ``quantize_static`` with MinMax, Percentile and Entropy (its own flow:
-no equalisation); onnxprune ``mse`` (cross-layer equalisation + MSE-optimal ranges) and
+no equalisation, every layer int8); onnxprune ``mse`` with every layer int8, then as by default
+(layers slower in int8 than fp32 kept float, see ``quantization/latency.py``) and
 ``trained`` when PyTorch is installed; for RetinaFace also ``slim --ratio 0.69`` + int8. Columns:
 worst-output SQNR and cosine on held-out calibration images, the task metric (detection AP@0.5
 vs fp32, embedding cosine, top-1 agreement), file size, and ONNX Runtime CPU latency (1 thread,
@@ -43,8 +44,10 @@ def _task(f: dict) -> str:
 def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool) -> None:
     variants: list[tuple[str, onnx.ModelProto, dict | None]] = [("fp32", model, None)]
     for th in ("ort-minmax", "ort-percentile", "ort-entropy"):
-        r = quantize(model, data, thresholds=th, equalize_ranges=False)
+        r = quantize(model, data, thresholds=th, equalize_ranges=False, float_slow_layers=False)
         variants.append((f"ORT {th[4:]}", r.model, r.report.fidelity))
+    r = quantize(model, data, thresholds="mse", float_slow_layers=False)
+    variants.append(("mse, all int8", r.model, r.report.fidelity))
     r = quantize(model, data, thresholds="mse")
     variants.append(("onnxprune mse", r.model, r.report.fidelity))
     try:

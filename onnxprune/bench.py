@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelLoadError
 from .graph.io import ModelLike, load_proto
 from .graph.metrics import ModelCost, model_cost
 from .graph.shapes import Shape, random_inputs, representative_shapes
+from .progress import Progress, log_progress
 from .quantization.qdq import is_int8_kernel
 from .report import SCHEMA_VERSION, _big, _shapes
 
@@ -98,7 +99,8 @@ class BenchReport:
 
 def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecutionProvider",),
           threads: Sequence[int] = (1,), input_shapes: Sequence[Mapping[str, Shape]] | None = None,
-          runs: int = 50, warmup: int = 5, seed: int = 0, accuracy: Mapping[int, float] | None = None) -> BenchReport:
+          runs: int = 50, warmup: int = 5, seed: int = 0, accuracy: Mapping[int, float] | None = None,
+          progress: Progress | None = None) -> BenchReport:
     """Time ``models`` interleaved under every (provider, threads, input shape) configuration.
 
     ``input_shapes`` is a list of overrides (one dict per resolution of a sweep); dims left out take
@@ -153,7 +155,8 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                         sessions.append(sess)
                         if opt_path is not None:
                             node_counts[(i, provider)] = _count_nodes(opt_path)
-                    times = _interleaved(sessions, feeds, runs, warmup, rng)
+                    what = f"timing {provider}, {n_threads} thread{'s' * (int(n_threads) != 1)}, {_shape_text(shapes)}"
+                    times = _interleaved(sessions, feeds, runs, warmup, rng, progress, what)
                     batch = next(iter(shapes.values()))[0] if shapes and next(iter(shapes.values())) else 1
                     for i in range(len(protos)):
                         t = times[:, i]
@@ -191,21 +194,23 @@ def netscore(accuracy: float, params: int, macs: int, alpha: float = 2.0, beta: 
 
 
 def interleaved_times(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int,
-                      warmup: int, seed: int = 0) -> np.ndarray:
+                      warmup: int, seed: int = 0, progress: Progress | None = None) -> np.ndarray:
     """[runs, models] latencies in ms, every model once per round in a shuffled order (see module doc)."""
-    return _interleaved(sessions, feeds, runs, warmup, np.random.default_rng(seed))
+    return _interleaved(sessions, feeds, runs, warmup, np.random.default_rng(seed), progress)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _interleaved(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int, warmup: int,
-                 rng: np.random.Generator) -> np.ndarray:
+                 rng: np.random.Generator, progress: Progress | None = None, what: str = "timing") -> np.ndarray:
     times = np.zeros((runs, len(sessions)))
+    say = progress or log_progress
     for r in range(warmup + runs):
         for i in rng.permutation(len(sessions)):
             start = time.perf_counter()
             sessions[i].run(None, feeds)
             if r >= warmup:
                 times[r - warmup, i] = (time.perf_counter() - start) * 1000.0
+        say(what, r + 1, warmup + runs)  # after the timed region: drawing a bar must not be timed
     return times
 
 
@@ -297,6 +302,10 @@ def _rss_peak() -> int:
     except (OSError, ValueError):
         pass
     return _rss()
+
+
+def _shape_text(shapes: Mapping[str, Shape]) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def _short(label: str) -> str:

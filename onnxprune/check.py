@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelLoadError
 from .fidelity import TASKS, FidelityReport
 from .graph.io import ModelLike, load_proto
 from .graph.shapes import Shape, random_inputs, representative_shapes
+from .progress import Progress
 from .report import SCHEMA_VERSION
 from .graph.runtime import session
 from .verify import interface
@@ -58,6 +59,7 @@ class CheckReport:
     criteria: list[Criterion]
     notes: list[str] = field(default_factory=list)
     fidelity: dict | None = None
+    latency: dict | None = None  # the speed-up timing: shape, threads, median/p90 ms of both models
 
     @property
     def passed(self) -> bool:
@@ -71,7 +73,8 @@ class CheckReport:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "kind": "check", "passed": self.passed, "exit_code": self.exit_code,
                 "original": self.original, "candidate": self.candidate,
-                "criteria": [asdict(c) for c in self.criteria], "notes": list(self.notes), "fidelity": self.fidelity}
+                "criteria": [asdict(c) for c in self.criteria], "notes": list(self.notes), "fidelity": self.fidelity,
+                "latency": self.latency}
 
     def summary(self) -> str:
         lines = [f"check {self.candidate} against {self.original}: {'PASSED' if self.passed else 'FAILED'}"]
@@ -113,7 +116,7 @@ class CheckReport:
 def check(original: ModelLike, candidate: ModelLike, *, calibration: CalibrationSet | None = None,
           task: str = "auto", min_fidelity: float | None = None, max_drop: float | None = None,
           min_speedup: float | None = None, max_size_ratio: float | None = None, runs: int = 30,
-          warmup: int = 3, seed: int = 0) -> CheckReport:
+          warmup: int = 3, seed: int = 0, progress: Progress | None = None) -> CheckReport:
     """Gate ``candidate`` against ``original``; see :class:`CheckReport` for how results are reported.
 
     Validity (checker, ORT load, unchanged interface) is always checked and the size ratio always
@@ -149,16 +152,20 @@ def check(original: ModelLike, candidate: ModelLike, *, calibration: Calibration
             criteria.append(Criterion("fidelity", min_fidelity is None and max_drop is None, None, min_fidelity,
                                       skipped))
 
+    latency = None
     if min_speedup is not None:
-        criteria.append(_speed(orig, cand, ref_sess, calibration, min_speedup, runs, warmup, seed) if valid
-                        else Criterion("speedup", False, None, min_speedup, skipped))
+        if valid:
+            speed, latency = _speed(orig, cand, ref_sess, calibration, min_speedup, runs, warmup, seed, progress)
+            criteria.append(speed)
+        else:
+            criteria.append(Criterion("speedup", False, None, min_speedup, skipped))
 
     size = cand.ByteSize() / max(orig.ByteSize(), 1)
     criteria.append(Criterion("size_ratio", max_size_ratio is None or size <= max_size_ratio, size, max_size_ratio,
                               f"candidate/original serialized bytes ({cand.ByteSize():,} / {orig.ByteSize():,})"))
     if calibration is None:
         notes.append("no calibration data: fidelity not measured")
-    return CheckReport(names[0], names[1], criteria, notes, report.to_dict() if report else None)
+    return CheckReport(names[0], names[1], criteria, notes, report.to_dict() if report else None, latency)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -238,8 +245,10 @@ def _fidelity(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Infere
 
 
 def _speed(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.InferenceSession,
-           calibration: CalibrationSet | None, min_speedup: float, runs: int, warmup: int, seed: int) -> Criterion:
-    """Median per-round original/candidate latency ratio, both timed interleaved on one thread."""
+           calibration: CalibrationSet | None, min_speedup: float, runs: int, warmup: int, seed: int,
+           progress: Progress | None = None) -> tuple[Criterion, dict | None]:
+    """Median per-round original/candidate latency ratio, both timed interleaved on one thread
+    (and the latencies themselves, for the report's chart)."""
     shapes = _speed_shapes(orig, calibration)
     feeds = random_inputs(ref_sess, shapes, np.random.default_rng(seed))
     try:
@@ -247,15 +256,19 @@ def _speed(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Inference
     except Exception as exc:
         raise ConfigError(f"the original model cannot run at {_shape_text(shapes)}: {_line(exc)}") from None
     try:
-        times = interleaved_times([session(orig, 1), session(cand, 1)], feeds, runs, warmup, seed)
+        times = interleaved_times([session(orig, 1), session(cand, 1)], feeds, runs, warmup, seed, progress)
     except Exception as exc:  # the original just ran on these feeds, so the candidate is at fault
-        return Criterion("speedup", False, None, min_speedup, f"the candidate failed to run: {_line(exc)}")
+        return Criterion("speedup", False, None, min_speedup, f"the candidate failed to run: {_line(exc)}"), None
     ratio = times[:, 0] / times[:, 1]
     q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
     med = np.median(times, axis=0)
+    latency = {"provider": "CPUExecutionProvider", "threads": 1, "runs": runs,
+               "input_shapes": {k: list(v) for k, v in shapes.items()},
+               "median_ms": [float(m) for m in med], "p90_ms": [float(p) for p in np.percentile(times, 90, axis=0)],
+               "speedup_iqr": [float(q25), float(q75)]}
     return Criterion("speedup", bool(q50 >= min_speedup), float(q50), min_speedup,
                      f"original/candidate latency, median of {runs} interleaved rounds (IQR {q25:.3f}..{q75:.3f}); "
-                     f"{med[0]:.3f} -> {med[1]:.3f} ms at {_shape_text(shapes)}, 1 thread")
+                     f"{med[0]:.3f} -> {med[1]:.3f} ms at {_shape_text(shapes)}, 1 thread"), latency
 
 
 def _need(value: float | None, task: str) -> float:

@@ -13,17 +13,20 @@ from typing import Sequence
 
 from . import __version__
 from .errors import ConfigError, OnnxPruneError
+from .executors import EXECUTORS
 from .calibration import PRESETS, Preprocess, load_calibration, load_identities, parse_floats, parse_size
 from .fidelity import TASKS
 from .graph.io import check_writable, load_proto, write_text_atomic
 from .graph.shapes import parse_input_shape
 from .int8 import DEFAULT_THRESHOLDS, quantize
+from .progress import ConsoleProgress, configure_logging
 from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
 from .quantization import THRESHOLDS
 from .report import CombinedReport, write_json
 from .saliency.criteria import DESCRIPTIONS
 
 SAMPLE_PREFIX = "sample:"
+_VERBOSE = "log what happens to stderr (-v: steps, -vv: debug detail)"
 
 
 def _model_arg(spec: str) -> str:
@@ -49,23 +52,6 @@ def _shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
     return dict(parse_input_shape(s) for s in specs or [])
 
 
-class _Progress:
-    """One status line on stderr (only on a terminal, so logs and CI output stay clean)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
-
-    def __call__(self, msg: str) -> None:
-        if self.enabled:
-            sys.stderr.write(f"\r\033[K{msg}...")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
 def _ratio(text: str) -> float:
     try:
         value = float(text)
@@ -74,7 +60,7 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _calibration(args: argparse.Namespace, model: str, progress: "_Progress"):
+def _calibration(args: argparse.Namespace, model: str, progress: ConsoleProgress):
     """Load --calib with the preprocessing options, or None; options without --calib are an error."""
     given = {k: getattr(args, k) for k in ("preset", "size", "mean", "std", "channel_order", "layout", "resize")
              if getattr(args, k) is not None}
@@ -99,7 +85,7 @@ def _calibration(args: argparse.Namespace, model: str, progress: "_Progress"):
         pre = replace(base, **fields)
     progress("loading calibration data")
     return load_calibration(args.calib, load_proto(model), count=args.calib_count, seed=args.seed,
-                            preprocess=pre, preset=None if pre is not None else args.preset)
+                            preprocess=pre, preset=None if pre is not None else args.preset, progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,8 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep layers whose node name matches this regex or glob intact; repeatable")
     common.add_argument("--no-simplify", action="store_true", help="do not run onnxsim before analysis")
     common.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
-    common.add_argument("--report", metavar="DIR", help="also write DIR/report.html (self-contained, with charts)")
+    common.add_argument("--report", metavar="DIR",
+                        help="also write DIR/report.html (self-contained, with charts) and PNG charts (with matplotlib)")
     common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    common.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE)
 
     calib = argparse.ArgumentParser(add_help=False)
     cal = calib.add_argument_group("calibration (unlabelled samples in the model's input format)")
@@ -154,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the budget is spread: per-group sensitivity scan (default with --calib) or global ranking")
     p.add_argument("--no-recover", action="store_true", help="do not refit the layers after removed channels")
     p.add_argument("--workers", type=int, default=2, metavar="N", help="parallel workers for the sensitivity scan")
+    p.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                   help="where the sensitivity scan runs: local processes (default) or ray")
+    p.add_argument("--ray-address", metavar="ADDR", help="with --executor ray: join this cluster")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
                    help="then distil from the original on the calibration images for N steps (needs onnxprune[torch])")
     p.add_argument("--int8", action="store_true", help="then quantize to int8 (needs --calib; see `quantize`)")
@@ -182,8 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input shape; repeat for a resolution sweep")
     b.add_argument("--runs", type=int, default=50)
     b.add_argument("--warmup", type=int, default=5)
+    b.add_argument("--accuracy", metavar="A,B,...",
+                   help="accuracy or fidelity in (0, 1] of each model, in order (empty: unknown), for NetScore")
     b.add_argument("--json", metavar="OUT.json")
+    b.add_argument("--report", metavar="DIR", help="also write DIR/report.html and latency.png")
     b.add_argument("-q", "--quiet", action="store_true")
+    b.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE)
 
     c = sub.add_parser("check", parents=[calib], help="CI gate: validity, fidelity, speed-up and size thresholds",
                        description="Exit 0 when every threshold passes, 1 when one fails, 2 on a usage or input error.")
@@ -197,8 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="OUT.json")
     c.add_argument("--junit", metavar="OUT.xml", help="JUnit XML, one test case per threshold")
     c.add_argument("--markdown", metavar="OUT.md", help="summary table for a pull-request comment")
-    c.add_argument("--report", metavar="DIR", help="also write DIR/report.html")
+    c.add_argument("--report", metavar="DIR", help="also write DIR/report.html (and latency.png with --min-speedup)")
     c.add_argument("-q", "--quiet", action="store_true")
+    c.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE)
+
+    w = sub.add_parser("sweep", parents=[calib], help="compress at several ratios/criteria/int8; fidelity vs latency frontier",
+                       description="Every (model, ratio, criterion, int8) point: compress, measure fidelity on held-out "
+                                   "calibration samples and latency against the original; table (JSON + CSV) and "
+                                   "Pareto frontier. Re-running with the same arguments resumes: complete points are "
+                                   "reused.")
+    w.add_argument("models", nargs="+", help=".onnx files or sample:NAME")
+    w.add_argument("--ratios", required=True, metavar="R,R,...", help="shares of parameters to remove, e.g. 0.3,0.5,0.69")
+    w.add_argument("--criteria", metavar="C,C,...", help=f"channel criteria (default: {CALIBRATED_CRITERION}). {crit}")
+    w.add_argument("--int8", action="store_true", help="quantize every point (with --no-int8 too: both variants)")
+    w.add_argument("--no-int8", action="store_true", help="float points (the default)")
+    w.add_argument("--thresholds", choices=list(THRESHOLDS), default="mse", help="with --int8 (default mse)")
+    w.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N")
+    w.add_argument("--input-shape", action="append", metavar="NAME=1x3x640x640", help="analysis shape; repeatable")
+    w.add_argument("-o", "--output", metavar="OUTDIR", help="where points and tables go (default: sweep/ here)")
+    w.add_argument("--executor", choices=list(EXECUTORS), default="local",
+                   help="local: a process pool (default); ray: a local Ray instance or --ray-address")
+    w.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (e.g. ray://head:10001 or auto)")
+    w.add_argument("--workers", type=int, metavar="N", help="local processes, or CPUs of a new local Ray instance "
+                                                            "(default: all cores)")
+    w.add_argument("--retries", type=int, default=1, metavar="N", help="re-runs of a job whose worker died (default 1)")
+    w.add_argument("--runs", type=int, default=30, metavar="N", help="interleaved timing rounds per point (default 30)")
+    w.add_argument("--json", metavar="OUT.json", help="also write the table here (always in OUTDIR/sweep.json)")
+    w.add_argument("--report", metavar="DIR", help="also write DIR/report.html with the frontier plot")
+    w.add_argument("-q", "--quiet", action="store_true")
+    w.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE)
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
@@ -207,13 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    progress = _Progress(not args.quiet)
+    verbose = getattr(args, "verbose", 0)
+    configure_logging(verbose)
+    progress = ConsoleProgress(not args.quiet, stages=not verbose)
     try:
         code = 0
         if args.command == "bench":
-            report = _bench(args)
+            report = _bench(args, progress)
         elif args.command == "check":
             report, code = _check(args, progress)
+        elif args.command == "sweep":
+            report = _sweep(args, progress)
         elif args.command == "analyze":
             report = analyze(_model_arg(args.model), input_shapes=_shapes(args.input_shape), exclude=args.exclude,
                              simplify=not args.no_simplify, progress=progress)
@@ -235,15 +261,78 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-def _bench(args: argparse.Namespace):
+def _sweep(args: argparse.Namespace, progress: ConsoleProgress):
+    from .executors import make_executor
+    from .sweep import SweepOptions, sweep
+    for out in (args.json,):
+        if out:
+            check_writable(out)
+    models = [_model_arg(m) for m in args.models]
+    if args.calib is None:
+        raise ConfigError("sweep needs calibration data (--calib) to measure fidelity")
+    try:
+        ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    criteria = tuple(c.strip() for c in args.criteria.split(",") if c.strip()) if args.criteria else (None,)
+    int8 = tuple(v for v, on in ((False, args.no_int8 or not args.int8), (True, args.int8)) if on)
+    options = SweepOptions(ratios=ratios, criteria=criteria, int8=int8, task=args.task, thresholds=args.thresholds,
+                           round_to=args.round_to, holdout=args.holdout,
+                           input_shapes=tuple(sorted(_shapes(args.input_shape).items())), runs=args.runs,
+                           seed=args.seed)
+    options.validate()
+    calibration = [_calibration(args, m, progress) for m in models]  # each model in its own input format
+    with make_executor(args.executor, workers=args.workers, address=args.ray_address, retries=args.retries) as ex:
+        result = sweep(models, calibration, options, args.output or "sweep", executor=ex, progress=progress)
+    if args.report:
+        _write_report(result, args.report, "", args.quiet)
+    return result
+
+
+def _bench(args: argparse.Namespace, progress: ConsoleProgress):
     from .bench import bench
+    if args.json:
+        check_writable(args.json)
     shapes = [dict([parse_input_shape(sp)]) for sp in args.input_shape] if args.input_shape else None
-    threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
-    return bench([_model_arg(m) for m in args.models], providers=tuple(p.strip() for p in args.providers.split(",")),
-                 threads=threads, input_shapes=shapes, runs=args.runs, warmup=args.warmup)
+    try:
+        threads = tuple(int(t) for t in args.threads.split(",") if t.strip())
+    except ValueError:
+        raise ConfigError(f"--threads must be comma-separated integers, got {args.threads!r}") from None
+    report = bench([_model_arg(m) for m in args.models], providers=tuple(p.strip() for p in args.providers.split(",")),
+                   threads=threads, input_shapes=shapes, runs=args.runs, warmup=args.warmup,
+                   accuracy=_accuracy(args.accuracy, len(args.models)), progress=progress)
+    if args.report:
+        _write_report(report, args.report, "", args.quiet)
+    return report
 
 
-def _check(args: argparse.Namespace, progress: "_Progress"):
+def _accuracy(text: str | None, n_models: int) -> dict[int, float]:
+    """``--accuracy 0.91,,0.88``: model index -> accuracy; empty entries are unknown."""
+    if not text:
+        return {}
+    parts = text.split(",")
+    if len(parts) > n_models:
+        raise ConfigError(f"--accuracy has {len(parts)} values for {n_models} model(s)")
+    try:
+        return {i: float(p) for i, p in enumerate(parts) if p.strip()}
+    except ValueError:
+        raise ConfigError(f"--accuracy must be comma-separated numbers in (0, 1], got {text!r}") from None
+
+
+def _write_report(report, directory: str, preview: str, quiet: bool) -> None:
+    """report.html (always self-contained) and the PNG charts; without matplotlib, one note instead."""
+    from .html_report import write_report
+    from .plots import MISSING_NOTE, write_charts
+    try:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxPruneError(f"cannot create the report directory {directory}: {exc.strerror or exc}") from None
+    if write_charts(report, directory, preview) is None and not quiet:
+        print(f"onnxprune: note: {MISSING_NOTE}", file=sys.stderr)
+    write_report(report, directory, preview)
+
+
+def _check(args: argparse.Namespace, progress: ConsoleProgress):
     from .check import check
     for out in (args.json, args.junit, args.markdown):
         if out:
@@ -254,7 +343,7 @@ def _check(args: argparse.Namespace, progress: "_Progress"):
     progress("checking")
     report = check(original, candidate, calibration=calibration, task=args.task, min_fidelity=args.min_fidelity,
                    max_drop=args.max_drop, min_speedup=args.min_speedup, max_size_ratio=args.max_size_ratio,
-                   runs=args.runs)
+                   runs=args.runs, progress=progress)
     if args.json:
         write_json(report, args.json)
     if args.junit:
@@ -262,12 +351,11 @@ def _check(args: argparse.Namespace, progress: "_Progress"):
     if args.markdown:
         write_text_atomic(report.to_markdown(), args.markdown)
     if args.report:
-        from .html_report import write_report
-        write_report(report, args.report)
+        _write_report(report, args.report, "", args.quiet)
     return report, report.exit_code
 
 
-def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress):
+def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsoleProgress):
     int8 = args.command == "quantize" or args.int8
     suffix = ".int8.onnx" if args.command == "quantize" else (".slim.int8.onnx" if int8 else ".slim.onnx")
     output = Path(args.output) if args.output else _default_output(model, suffix)
@@ -284,13 +372,15 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
                           exclude=args.exclude, holdout=args.holdout, task=args.task,
                           equalize_ranges=not args.no_equalize, max_drop=args.max_drop, progress=progress)
     else:
-        result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
-                      input_shapes=_shapes(args.input_shape), min_keep=args.min_keep, simplify=not args.no_simplify,
-                      calibration=calibration, allocation=args.allocation,
-                      recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
-                      workers=args.workers, finetune_steps=args.finetune_steps,
-                      identities=load_identities(args.identities, load_proto(model), calibration)
-                      if args.identities and calibration is not None else None, progress=progress)
+        from .executors import make_executor
+        with make_executor(args.executor, workers=args.workers, address=args.ray_address) as executor:
+            result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
+                          input_shapes=_shapes(args.input_shape), min_keep=args.min_keep,
+                          simplify=not args.no_simplify, calibration=calibration, allocation=args.allocation,
+                          recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
+                          workers=args.workers, executor=executor, finetune_steps=args.finetune_steps,
+                          identities=load_identities(args.identities, load_proto(model), calibration)
+                          if args.identities and calibration is not None else None, progress=progress)
         if int8:
             slim_report = result.report
             preview = result.preview
@@ -302,8 +392,7 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: _Progress)
     result.save(output, protect=[model])
     result.report.output = str(output)
     if args.report:
-        from .html_report import write_report
-        write_report(result.report, args.report, getattr(result, "preview", ""))
+        _write_report(result.report, args.report, getattr(result, "preview", ""), args.quiet)
     return result.report
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import ConfigError
+
 __all__ = [
     "FidelityReport", "OutputFidelity", "average_precision", "conf_is_softmaxed", "decode_retinaface",
     "decode_scrfd", "embedding_fidelity", "nms", "output_fidelity", "prior_boxes", "top1_agreement",
@@ -312,13 +314,21 @@ class FidelityReport:
 TASKS = ("auto", "detection", "embedding", "classification", "outputs")
 
 
-def guess_task(output_names: Sequence[str], outputs: Sequence[np.ndarray]) -> str:
-    """Detection (RetinaFace loc/conf or SCRFD score_*), embedding, classification, or plain outputs."""
+def guess_task(output_names: Sequence[str], outputs: Sequence[np.ndarray],
+               image_hw: tuple[int, int] | None = None) -> str:
+    """Detection (RetinaFace loc/conf or SCRFD score_*), embedding, classification, or plain outputs.
+
+    With ``image_hw``, loc/conf-shaped outputs count as RetinaFace only if their anchor count
+    matches its priors: other detectors (other anchor layouts) are compared output by output.
+    """
     shapes = [np.asarray(o).shape for o in outputs]
     if any(n.startswith("score_") for n in output_names) and any(n.startswith("bbox_") for n in output_names):
         return "detection"
-    if any(len(s) == 3 and s[-1] == 4 for s in shapes) and any(len(s) == 3 and s[-1] == 2 for s in shapes):
-        return "detection"
+    loc = [s for s in shapes if len(s) == 3 and s[-1] == 4]
+    if loc and any(len(s) == 3 and s[-1] == 2 for s in shapes):
+        if image_hw is None or loc[0][1] == len(prior_boxes(image_hw)):
+            return "detection"
+        return "outputs"
     if len(outputs) == 1 and len(shapes[0]) == 2:
         probs = np.asarray(outputs[0])
         if probs.shape[1] < 64 or (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)):
@@ -332,16 +342,22 @@ def evaluate(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], names: Sequen
     """Compare a candidate's outputs with the reference's on the same (held-out) inputs."""
     report = FidelityReport(n_inputs=int(np.asarray(ref[0]).shape[0]) if ref else 0,
                             outputs=output_fidelity(ref, got, names))
-    task = guess_task(names, ref) if task == "auto" else task
+    task = guess_task(names, ref, image_hw) if task == "auto" else task
     by_name_ref, by_name_got = dict(zip(names, ref)), dict(zip(names, got))
     if task == "detection":
         if any(n.startswith("score_") for n in names):
             r = decode_scrfd(by_name_ref, image_hw)
             g = decode_scrfd(by_name_got, image_hw)
         else:
-            loc = next(n for n, o in by_name_ref.items() if o.ndim == 3 and o.shape[-1] == 4)
-            conf = next(n for n, o in by_name_ref.items() if o.ndim == 3 and o.shape[-1] == 2)
-            r = decode_retinaface(by_name_ref[loc], by_name_ref[conf], image_hw)
+            loc = next((n for n, o in by_name_ref.items() if o.ndim == 3 and o.shape[-1] == 4), None)
+            conf = next((n for n, o in by_name_ref.items() if o.ndim == 3 and o.shape[-1] == 2), None)
+            if loc is None or conf is None:
+                raise ConfigError("--task detection needs RetinaFace loc [N,P,4] / conf [N,P,2] or SCRFD "
+                                  "score_*/bbox_* outputs; use --task outputs")
+            try:
+                r = decode_retinaface(by_name_ref[loc], by_name_ref[conf], image_hw)
+            except ValueError as exc:  # another anchor layout than RetinaFace's
+                raise ConfigError(f"--task detection: {exc}; use --task outputs") from None
             g = decode_retinaface(by_name_got[loc], by_name_got[conf], image_hw)
         report.detection_ap = average_precision(r, g)
         report.detections = (sum(len(x) for x in r), sum(len(x) for x in g))

@@ -27,6 +27,7 @@ import onnx_ir as ir
 from .errors import ConfigError
 from .fidelity import TASKS, conf_is_softmaxed, guess_task
 from .graph.runtime import fixed_batch, pieces, run_all, session
+from .progress import Progress, log_progress
 
 BATCH = 8  # samples per step (CPU training of a face model: ~1 s a step)
 MAX_SHIFT = 0.04  # random translation, as a fraction of H/W
@@ -123,7 +124,7 @@ class _Loss:
 
 def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input_name: str,
             batches: Sequence[np.ndarray], steps: int = 200, lr: float = 1e-4, task: str = "auto",
-            augment: bool = True, seed: int = 0) -> tuple[ir.Model, dict]:
+            augment: bool = True, seed: int = 0, progress: Progress | None = None) -> tuple[ir.Model, dict]:
     """Train ``pruned``'s initializers to reproduce ``original`` on unlabelled ``batches``.
 
     Returns the pruned graph with new initializer values (an onnx_ir.Model, same nodes and
@@ -139,6 +140,7 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
     if steps < 0 or lr <= 0:
         raise ConfigError(f"steps must be >= 0 and lr > 0, got steps={steps}, lr={lr}")
     start = time.perf_counter()
+    say = progress or log_progress
     pruned_ir = ir.from_proto(pruned) if isinstance(pruned, onnx.ModelProto) else pruned
     pruned_proto = ir.to_proto(pruned_ir)
     try:
@@ -192,6 +194,7 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
         loss.backward()
         opt.step()
         history.append(loss.item())
+        say("distilling from the original", step + 1, steps)
     final = full_loss()
     out = write_back(student, pruned_ir)
     record = {"task": task, "steps": steps, "lr": lr, "augment": bool(image), "samples": int(len(xs)),

@@ -6,14 +6,13 @@ import fnmatch
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from .calibration import CalibrationSet
-from .calibration.activations import stream
 from .calibration.split import CalibrationSplit
 from .errors import ConfigError
 from .fidelity import TASKS
@@ -22,6 +21,10 @@ from .graph.io import ModelLike, load_proto
 from .graph.shapes import representative_shapes
 from .passes import equalize
 from .pipeline import prepare
+from .progress import Progress, log_progress
+from .quantization.qdq import check_float32
+from .quantization.latency import slow_int8_layers
+from .quantization.layer_error import WEIGHTED_OPS, LayerError, layer_errors, worst_layers
 from .quantization import (THRESHOLDS, check_not_quantized, int8_kernels, is_int8_kernel, pre_process, quantize_qdq,
                            to_opset13)
 from .verify import verify
@@ -44,6 +47,7 @@ class QuantizeReport:
     fidelity_summary: str = ""
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    layer_errors: list[dict] = field(default_factory=list)  # per quantized tensor, see quantization/layer_error.py
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": 1, "kind": "quantize", **asdict(self)}
@@ -62,9 +66,22 @@ class QuantizeReport:
             lines.append(f"kept in float: {', '.join(self.excluded[:8])}" + (" ..." if len(self.excluded) > 8 else ""))
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
+        lines += self._worst_layers()
         lines += [f"note: {n}" for n in self.notes]
         lines.append(f"time: {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+    def _worst_layers(self, n: int = 5) -> list[str]:
+        rows = worst_layers([LayerError(**r) for r in self.layer_errors], n)
+        if not rows:
+            return []
+        db = lambda v: f"{v:6.1f}" if v is not None else "     -"  # noqa: E731  (None: no error at all)
+        lines = [f"layers adding the most int8 error (of {len(self.layer_errors)} quantized tensors; "
+                 "SQNR dB vs float / own QDQ / weights):"]
+        lines += [f"  {r.node[-48:]:48s} {r.op_type:14s} {db(r.sqnr_db)} {db(r.qdq_sqnr_db)} {db(r.weight_sqnr_db)}"
+                  f"  +{r.added:.2e}" for r in rows]
+        return lines
 
 
 @dataclass
@@ -102,62 +119,42 @@ def fidelity_value(report) -> float:
 
 
 def most_harmful_layer(float_model: onnx.ModelProto, quantized: onnx.ModelProto, input_name: str,
-                       batches: Sequence[np.ndarray], skip: Sequence[str] = ()) -> str | None:
-    """The quantized node whose output error grows most over its inputs' error (float vs QDQ run)."""
-    nodes = [n for n in float_model.graph.node
-             if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and n.name and n.name not in skip]
-    quantized_names = {o for n in quantized.graph.node for o in n.output} | {i.name for i in quantized.graph.input}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in float_model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+                       batches: Sequence[np.ndarray], skip: Sequence[str] = (),
+                       rows: Sequence[LayerError] | None = None) -> str | None:
+    """The quantized Conv/Gemm/MatMul whose output error grows most over its inputs' error (float vs QDQ run).
 
-    def visible(t: str) -> str:
-        """The tensor itself, or the activation after it when ORT folded that activation into the QDQ."""
-        while t not in quantized_names and len(consumers.get(t, [])) == 1 and \
-                consumers[t][0].op_type in ("Relu", "Clip", "LeakyRelu"):
-            t = consumers[t][0].output[0]
-        return t
-
-    outs = {n.name: visible(n.output[0]) for n in nodes}
-    ins = {n.name: visible(n.input[0]) for n in nodes}
-    names = sorted({t for t in list(outs.values()) + list(ins.values()) if t in quantized_names})
-    if not names:
-        return None
-    ref: dict[str, list[np.ndarray]] = {t: [] for t in names}
-    got: dict[str, list[np.ndarray]] = {t: [] for t in names}
-    stream(float_model, names, input_name, batches[:1], lambda d: [ref[t].append(d[t]) for t in names])
-    stream(quantized, names, input_name, batches[:1], lambda d: [got[t].append(d[t]) for t in names])
-
-    def err(t: str) -> float:
-        a, b = np.concatenate(ref[t]).astype(np.float64), np.concatenate(got[t]).astype(np.float64)
-        return float(((a - b) ** 2).sum() / max((a * a).sum(), 1e-12))
-
-    errors = {t: err(t) for t in names}
-    added = {n.name: errors[outs[n.name]] - errors.get(ins[n.name], 0.0) for n in nodes if outs[n.name] in errors}
-    return max(added, key=added.get) if added else None
+    ``rows``: the per-layer table of ``quantized`` (:func:`layer_errors`) when already measured.
+    """
+    if rows is None:
+        rows = layer_errors(float_model, quantized, input_name, batches)
+    names = {n.name for n in float_model.graph.node if n.name} - set(skip)
+    candidates = [r for r in rows if r.op_type.split("+")[0] in WEIGHTED_OPS and r.node in names]
+    return max(candidates, key=lambda r: r.added).node if candidates else None
 
 
 def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str = DEFAULT_THRESHOLDS,
              per_channel: bool = True, exclude: Sequence[str] = (), holdout: float = 0.25, task: str = "auto",
              equalize_ranges: bool = True, max_drop: float | None = None, max_float_layers: int = 8,
-             progress: Callable[[str], None] | None = None) -> QuantizeResult:
+             float_slow_layers: bool = True, progress: Progress | None = None) -> QuantizeResult:
     """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``.
 
     Before quantization, BatchNorm is folded and channel ranges are equalised across layers
     (``equalize_ranges``, function-preserving), which int8 needs on depthwise architectures.
     With ``max_drop``, the layers that add the most error are kept in float, one at a time, until
     the held-out fidelity drop (1 - task metric, or 1 - mean output cosine) is at most ``max_drop``.
+    ``float_slow_layers`` keeps in float the layers ORT's int8 CPU kernels run slower than fp32
+    (3-channel stem conv, depthwise convs narrower than 16 channels: ``quantization/latency.py``).
     """
     start = time.perf_counter()
     if thresholds not in THRESHOLDS:
         raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {thresholds!r}")
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    say = progress or (lambda _: None)
+    say = progress or log_progress
     notes: list[str] = []
     original = load_proto(model)
     check_not_quantized(original)
+    check_float32(original)
     if thresholds == "trained":
         try:
             from .quantization import trained  # noqa: F401
@@ -175,26 +172,34 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     pre = pre_process(to_opset13(ir.to_proto(graph)))
     excluded, unmatched = _matching(pre, exclude)
     notes += [f"--exclude {p!r} matched no node" for p in unmatched]
+    if float_slow_layers:
+        slow = [n for n in slow_int8_layers(pre) if n not in excluded]
+        excluded += slow
+        if slow:
+            notes.append(f"kept in float for CPU speed (int8 kernels slower there): {len(slow)} node(s)")
     ranges = None
     if thresholds == "trained":
         from .quantization.qdq import compute_ranges
-        from .quantization.trained import quantized_activations, train_ranges
+        from .quantization.trained import train_ranges
         say("activation ranges (mse) to start from")
         init = compute_ranges(pre, split.input_name, split.batches, "mse", say)
         first, _ = quantize_qdq(pre, split.input_name, split.batches, thresholds="mse", ranges=init,
                                 per_channel=per_channel, exclude_nodes=excluded)
         say("training activation thresholds")
-        ranges, train_notes = train_ranges(pre, split.input_name, split.batches, init=init,
-                                           only=quantized_activations(first))
+        ranges, train_notes = train_ranges(pre, split.input_name, split.batches, init=init, qdq=first,
+                                           progress=say)
         notes += train_notes
     say(f"quantizing ({thresholds})")
     quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
                                      per_channel=per_channel, exclude_nodes=excluded, progress=say)
+    say("per-layer quantization error")
+    rows = layer_errors(pre, quantized, split.input_name, split.batches)  # before restore_interface: pre's names
     quantized = restore_interface(quantized, original)
     fidelity = split.evaluate(original, quantized, task)
     kept_float: list[str] = []
     while max_drop is not None and 1 - fidelity_value(fidelity) > max_drop and len(kept_float) < max_float_layers:
-        worst = most_harmful_layer(pre, quantized, split.input_name, split.batches, skip=excluded + kept_float)
+        worst = most_harmful_layer(pre, quantized, split.input_name, split.batches, skip=excluded + kept_float,
+                                   rows=rows)
         if worst is None:
             break
         kept_float.append(worst)
@@ -202,6 +207,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds,
                                          ranges=record.ranges or None, per_channel=per_channel,
                                          exclude_nodes=excluded + kept_float, progress=say)
+        rows = layer_errors(pre, quantized, split.input_name, split.batches)
         quantized = restore_interface(quantized, original)
         fidelity = split.evaluate(original, quantized, task)
     if max_drop is not None:
@@ -217,5 +223,5 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         size_after=quantized.ByteSize(), kernels=int8_kernels(quantized), excluded=excluded,
         ranges=len(record.ranges), fidelity=fidelity.to_dict() if fidelity else None,
         fidelity_summary=fidelity.summary() if fidelity else "", notes=notes + record.notes,
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, layer_errors=[r.to_dict() for r in rows])
     return QuantizeResult(quantized, report, split.preview)

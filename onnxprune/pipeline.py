@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import time
 import warnings
-from concurrent.futures import Executor
+
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -25,11 +26,15 @@ from .passes.reconstruct import LayerFit, reconstruct
 from .sensitivity import scan
 from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError, NothingToPruneError
+from .executors import TaskExecutor
 from .graph.interface import restore_interface
-from .graph.io import ModelLike, load_proto, save_atomic
+from .graph.io import ModelLike, ModelSource, materialize, save_atomic
 from .graph.metrics import count_macs, count_params
+from .memory import release_memory
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
 from .passes import cleanup, fold_batchnorm, remove_channels
+from .quantization.qdq import check_not_quantized
+from .progress import Progress, log_progress
 from .report import AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport
 from .saliency.criteria import NEEDS_CALIBRATION, ScoreContext, get_criterion
 from .verify import verify
@@ -39,21 +44,38 @@ DEFAULT_ROUND_TO = 16
 DEFAULT_CRITERION = "l2"  # without calibration data
 CALIBRATED_CRITERION = "activation"  # with it
 TOLERANCE = 0.01  # the achieved ratio lands within ±1% of parameters of the target
+# Above this much weight onnxsim is skipped: it copies the model several times (and this onnxsim
+# build imports torch, another 250 MB); 65M-parameter recognizers must stay under 3x their size.
+ONNXSIM_MAX_BYTES = 128 * 2**20
 
-Progress = Callable[[str], None]
 
 
 @dataclass
 class Prepared:
     """A model in the canonical form the analysis reads, with what preparing it took."""
 
-    original: onnx.ModelProto
+    source: ModelSource  # the model as given, weights not loaded (memory-mapped from a path)
     model: ir.Model
     input_shapes: dict[str, Shape]
     shapes: dict[str, Shape]
     bn_gamma: dict[str, np.ndarray]
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def skeleton(self) -> onnx.ModelProto:
+        """The original graph and interface without its large weights: for counts, shapes, interface."""
+        return self.source.skeleton
+
+    @cached_property
+    def original(self) -> onnx.ModelProto:
+        """The original with every weight in memory, loaded on first use (fidelity runs, distillation)."""
+        return self.source.proto()
+
+    def release_model(self) -> None:
+        """Drop the working model and its weights once the output exists (before the verification sessions)."""
+        self.model = None  # type: ignore[assignment]
+        release_memory()
 
 
 @dataclass
@@ -63,9 +85,10 @@ class SlimResult:
     model: onnx.ModelProto
     report: SlimReport
     preview: str = ""  # SVG of detections on a held-out photo (detectors with calibration data)
+    external_data: bool | None = None  # save weights beside the model (None: only if too big for one protobuf)
 
     def save(self, path: str | Path, *, protect: Sequence[str | Path] = ()) -> Path:
-        return save_atomic(self.model, path, protect=[Path(p) for p in protect])
+        return save_atomic(self.model, path, protect=[Path(p) for p in protect], external_data=self.external_data)
 
 
 def _name(model: ModelLike) -> str:
@@ -75,26 +98,37 @@ def _name(model: ModelLike) -> str:
 def prepare(model: ModelLike, *, input_shapes: Mapping[str, Shape] | None = None, simplify: bool = True,
             progress: Progress | None = None) -> Prepared:
     """Load and canonicalise: onnxsim, lifted constants, no Identity, BN folded (γ kept)."""
-    say = progress or (lambda _: None)
-    original = load_proto(model)
-    shapes_in = representative_shapes(original, input_shapes)
+    say = progress or log_progress
+    source = ModelSource(model)
+    check_not_quantized(source.skeleton, "prune")
+    shapes_in = representative_shapes(source.skeleton, input_shapes)
     steps, notes = [], []
-    proto = original
+    if simplify and source.weight_bytes > ONNXSIM_MAX_BYTES:
+        steps.append("onnxsim skipped")
+        notes.append(f"onnxsim skipped: {source.weight_bytes / 2**20:.0f} MiB of weights is above "
+                     f"{ONNXSIM_MAX_BYTES // 2**20} MiB (onnxsim holds several copies of the model); "
+                     "the graph is still cleaned up and BatchNorm folded")
+        simplify = False
     if simplify:
         say("simplifying with onnxsim")
-        proto, note = _simplify(original)
+        proto, note = _simplify(source.proto())
         steps.append("onnxsim" if note is None else "onnxsim skipped")
         if note:
             notes.append(note)
+        m = ir.from_proto(proto)
+    else:
+        m = source.ir_model()  # from a path: external weights memory-mapped, read when a pass needs them
     say("canonicalising graph")
-    m, rec = cleanup(ir.from_proto(proto))
+    m, rec = cleanup(m)
     steps += [f"cleanup: {p}" for p in rec.passes]
     m, fold = fold_batchnorm(m)
     if fold.folded:
         steps.append(f"folded {len(fold.folded)} BatchNormalization into Conv")
+    materialize(m)  # the weights folding did not replace: read once, then the input's file is unmapped
+    release_memory()  # the graphs before folding still hold the unfolded weights
     say("inferring shapes")
-    shapes = infer_concrete_shapes(ir.to_proto(m), shapes_in)
-    return Prepared(original, m, shapes_in, shapes, fold.gamma, steps, notes)
+    shapes = infer_concrete_shapes(m, shapes_in)
+    return Prepared(source, m, shapes_in, shapes, fold.gamma, steps, notes)
 
 
 def _simplify(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -122,8 +156,8 @@ def analyze(model: ModelLike, *, input_shapes: Mapping[str, Shape] | None = None
     warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
     return AnalysisReport(
         model=_name(model), input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
-        params=count_params(prep.original),
-        macs=count_macs(prep.original, infer_concrete_shapes(prep.original, prep.input_shapes)),
+        params=count_params(prep.skeleton),
+        macs=count_macs(prep.skeleton, infer_concrete_shapes(prep.skeleton, prep.input_shapes)),
         groups=groups, prunable_channels=sum(g.channels for g in groups if g.prunable),
         total_channels=sum(g.channels for g in groups), preprocessing=prep.steps, warnings=warns)
 
@@ -141,7 +175,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
          simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
          recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
          finetune_steps: int = 0, identities: tuple[np.ndarray, list[str]] | None = None,
-         executor: Executor | None = None, progress: Progress | None = None) -> SlimResult:
+         executor: TaskExecutor | None = None, progress: Progress | None = None) -> SlimResult:
     """Remove about ``ratio`` of the model's parameters by deleting whole channels.
 
     With ``calibration`` (unlabelled samples in the model's input format, see
@@ -164,7 +198,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
             raise ConfigError("--recover needs calibration data (--calib)")
         if finetune_steps:
             raise ConfigError("--finetune-steps needs calibration data (--calib)")
-    say = progress or (lambda _: None)
+    say = progress or log_progress
     prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
     say("analysing channel dependencies")
     analysis = analyze_channels(prep.model, prep.shapes, exclude)
@@ -181,7 +215,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         calib.identities = identities
         say(f"collecting activation statistics on {calib.count} samples")
         moments = consumer_moments(prep.model, analysis, calib.input_name, calib.batches)
-    params_in = count_params(prep.original)
+    params_in = count_params(prep.skeleton)
     say(f"scoring channels ({criterion})")
     arrays = {n: v.const_value.numpy() for n, v in prep.model.graph.initializers.items() if v.const_value is not None}
     bn_scales = {n.name: n.inputs[1].name for n in prep.model.graph if n.op_type == "BatchNormalization"}
@@ -202,7 +236,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
             raise ConfigError("--allocation sensitivity needs calibration data (--calib)")
         sensitivity = scan(prep.model, analysis, scores, calib.input_name, calib.scan_batches, input_means=means,
                            executor=executor, workers=workers,
-                           progress=lambda i, n: say(f"sensitivity scan {i}/{n}"))
+                           progress=lambda i, n: say("sensitivity scan", i, n))
     say("allocating the parameter budget")
     alloc, used_round_to = _allocate_rounded(analysis, scores, target, round_to, min_keep, int(TOLERANCE * params_in),
                                              sensitivity)
@@ -216,19 +250,22 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         say("refitting layers on calibration data")
         pruned_ir, rec = reconstruct(prep.model, pruned_ir, analysis, alloc.removed, calib.input_name, calib.batches)
         refits = rec.layers
+    del arrays
+    prep.release_model()  # last use of the working model: free its weights before the output is serialised
     finetune = None
     if finetune_steps and calib is not None:
         from .finetune import distill
-        say(f"distilling from the original ({finetune_steps} steps)")
         tuned, finetune = distill(prep.original, pruned_ir, calib.input_name, calib.batches, steps=finetune_steps,
-                                  task=task if task in ("detection", "embedding") else "auto")
+                                  task=task if task in ("detection", "embedding") else "auto", progress=say)
         if finetune.get("final_loss", 0.0) <= finetune.get("initial_loss", 0.0):
             pruned_ir = tuned
         else:  # label-free distillation on few samples can overfit: never hand back a worse model
             warns.append("distillation did not lower the loss on the calibration samples; kept the refitted model")
-    pruned = restore_interface(ir.to_proto(pruned_ir), prep.original)
+    pruned = restore_interface(ir.to_proto(pruned_ir), prep.skeleton)
+    del pruned_ir
+    release_memory()
     say("verifying the output model")
-    check = verify(prep.original, pruned, prep.input_shapes)
+    check = verify(prep.source.runtime_model(), pruned, prep.input_shapes)
     fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
 
     params_out = count_params(pruned)
@@ -240,7 +277,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
     report = SlimReport(
         model=_name(model), output=None, criterion=criterion, target_ratio=float(ratio), achieved_ratio=achieved,
         params_before=params_in, params_after=params_out,
-        macs_before=count_macs(prep.original, infer_concrete_shapes(prep.original, prep.input_shapes)),
+        macs_before=count_macs(prep.skeleton, infer_concrete_shapes(prep.skeleton, prep.input_shapes)),
         macs_after=count_macs(pruned, shapes_out), round_to=used_round_to,
         input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
         layers=[LayerReport(c.node, c.before, c.after) for c in record.layers],
@@ -254,7 +291,8 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         fidelity=fidelity.to_dict() if fidelity is not None else None,
         fidelity_summary=fidelity.summary() if fidelity is not None else "",
         finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None)
-    return SlimResult(pruned, report, calib.preview if calib is not None else "")
+    return SlimResult(pruned, report, calib.preview if calib is not None else "",
+                      external_data=prep.source.external or None)
 
 
 def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:

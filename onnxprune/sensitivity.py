@@ -5,22 +5,23 @@ layer can lose: removing one channel of MobileFaceNet's residual stream costs mo
 quarter of an ordinary layer. The scan prunes each group alone at a few fractions (physically,
 with mean compensation, exactly as the final model will be), measures the output distortion on
 calibration images, and the allocator then spends the parameter budget where distortion per
-removed parameter is lowest. Every (group, fraction) is independent, so the scan runs on any
-``concurrent.futures.Executor``: threads by default (ONNX Runtime releases the GIL), a process
-pool or a cluster executor can be passed in.
+removed parameter is lowest. Every (group, fraction) is independent, so the scan runs on a
+:class:`~onnxprune.executors.TaskExecutor`: a local process pool by default, or Ray.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Executor, ThreadPoolExecutor
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from .graph.runtime import pieces, run_all, session
 from .channels.analysis import ChannelAnalysis
+from .executors import LocalExecutor, TaskExecutor
 from .passes import remove_channels
 
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
@@ -55,11 +56,43 @@ def _run(model: ir.Model | object, input_name: str, batches: list[np.ndarray]) -
     return run_all(session(proto, threads=1), input_name, pieces(proto, batches, input_name))
 
 
+@dataclass
+class ScanInputs:
+    """What every scan job reads; shipped once per worker, the model as ONNX bytes."""
+
+    model: ir.Model
+    analysis: ChannelAnalysis
+    input_name: str
+    batches: list[np.ndarray]
+    input_means: dict[str, np.ndarray] | None
+    reference: list[np.ndarray]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["model"] = ir.to_proto(self.model).SerializeToString()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["model"] = ir.from_proto(onnx.load_from_string(state["model"]))
+        self.__dict__.update(state)
+
+
+def scan_job(inputs: ScanInputs, item: tuple[int, float, list[int]]) -> float:
+    """Distortion of the model with ``units`` removed (one group at one fraction)."""
+    _, _, units = item
+    pruned, _ = remove_channels(inputs.model, inputs.analysis, units, input_means=inputs.input_means)
+    return distortion(inputs.reference, _run(pruned, inputs.input_name, inputs.batches))
+
+
 def scan(model: ir.Model, analysis: ChannelAnalysis, scores: dict[int, float], input_name: str,
          batches: list[np.ndarray], *, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-         input_means: dict[str, np.ndarray] | None = None, executor: Executor | None = None,
+         input_means: dict[str, np.ndarray] | None = None, executor: TaskExecutor | None = None,
          workers: int = 2, progress: Callable[[int, int], None] | None = None) -> dict[int, GroupSensitivity]:
-    """Distortion of pruning each prunable group alone at each of ``fractions``."""
+    """Distortion of pruning each prunable group alone at each of ``fractions``.
+
+    Jobs run on ``executor`` (a local pool of ``workers`` processes when None). A job that fails
+    leaves its point out of the curve, with a warning: the scan only ranks groups.
+    """
     reference = _run(model, input_name, batches)
     jobs = []
     for group in analysis.groups:
@@ -68,23 +101,20 @@ def scan(model: ir.Model, analysis: ChannelAnalysis, scores: dict[int, float], i
             k = min(int(round(f * len(prunable))), len(group.units) - 1)
             if k >= 1:
                 jobs.append((group.id, f, prunable[:k]))
-
-    def job(item):
-        gid, f, units = item
-        pruned, _ = remove_channels(model, analysis, units, input_means=input_means)
-        return gid, f, distortion(reference, _run(pruned, input_name, batches))
-
+    inputs = ScanInputs(model, analysis, input_name, batches, input_means, reference)
     own = executor is None
-    pool = executor or ThreadPoolExecutor(max_workers=max(1, workers))
-    results: dict[int, dict[float, float]] = {}
+    pool = executor or LocalExecutor(workers)
     try:
-        for done, (gid, f, d) in enumerate(pool.map(job, jobs), 1):
-            results.setdefault(gid, {0.0: 0.0})[f] = d
-            if progress:
-                progress(done, len(jobs))
+        outcomes = pool.map(scan_job, jobs, inputs, progress=progress)
     finally:
         if own:
-            pool.shutdown()
+            pool.close()
+    results: dict[int, dict[float, float]] = {g.id: {0.0: 0.0} for g in analysis.groups if any(j[0] == g.id for j in jobs)}
+    for (gid, f, _), o in zip(jobs, outcomes):
+        if o.ok:
+            results[gid][f] = o.value
+        else:
+            warnings.warn(f"sensitivity scan: group {gid} at {f:.0%} failed ({o.error}); left out")
     out = {}
     for gid, curve in results.items():
         fs = sorted(curve)

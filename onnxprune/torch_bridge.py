@@ -179,8 +179,8 @@ class OnnxModule(torch.nn.Module):
             ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         """Outputs, plus the intermediate tensors named in ``capture`` (kept in the autograd graph).
 
-        ``transform`` rewrites named tensors as they are produced (e.g. fake quantization of
-        activations while thresholds are trained).
+        ``transform`` rewrites named tensors as they are produced, graph inputs included (e.g. fake
+        quantization of activations while thresholds are trained: ORT quantizes the input too).
         """
         transform = transform or {}
         if len(inputs) == 1 and isinstance(inputs[0], dict):
@@ -195,6 +195,8 @@ class OnnxModule(torch.nn.Module):
             x = feeds[name]
             x = torch.as_tensor(x) if not isinstance(x, torch.Tensor) else x
             env[name] = x.to(fdt) if x.dtype.is_floating_point else x
+            if name in transform:
+                env[name] = transform[name](env[name])
         for name, key in self.param_key.items():
             env[name] = self.params[key]
         for name, key in self._buffer_key.items():
@@ -537,11 +539,13 @@ def _avgpool(c: _Ctx, n: _Node, x):
     if include and sym is not None and all(2 * p <= k for p, k in zip(sym, kernel)):
         return _AVGPOOL[nd](x, kernel, strides, sym, ceil, True)
     xp = F.pad(x, _torch_pad(pads))
-    y = _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True)
     if include:
-        return y
+        return _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True)
     ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype), _torch_pad(pads))
-    return y / _AVGPOOL[nd](ones, kernel, strides, 0, ceil, True)
+    if nd > 1:  # window sum / count of real values, as ORT computes it (int8 simulation hits exact .5 ties)
+        return _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True, 1) / _AVGPOOL[nd](ones, kernel, strides, 0, ceil,
+                                                                                 True, 1)
+    return _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True) / _AVGPOOL[nd](ones, kernel, strides, 0, ceil, True)
 
 
 @_op("GlobalAveragePool")

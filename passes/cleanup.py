@@ -1,7 +1,8 @@
 """Bring an exported graph into the canonical form the channel analysis expects.
 
-Exporters hide weights behind Constant nodes or Identity chains (RetinaFace's Conv weights
-arrive through Identity), list initializers as graph inputs, or leave nodes unnamed. The
+Exporters wrap blocks in model-local functions, hide weights behind Constant nodes or Identity
+chains (RetinaFace's Conv weights arrive through Identity), list initializers as graph inputs, or
+leave nodes unnamed. The
 analysis wants every weight as an initializer read directly by its consumer and every node
 named (users exclude layers by name), so normalise that here, with onnx-ir's own passes.
 """
@@ -13,9 +14,11 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 from onnx_ir.passes.common import (
     IdentityEliminationPass,
+    InlinePass,
     LiftConstantsToInitializersPass,
     NameFixPass,
     RemoveInitializersFromInputsPass,
+    RemoveUnusedFunctionsPass,
     RemoveUnusedNodesPass,
     TopologicalSortPass,
 )
@@ -30,11 +33,13 @@ class CleanupRecord:
 
 def cleanup(model: ir.Model) -> tuple[ir.Model, CleanupRecord]:
     """Return a cleaned copy of ``model`` and what changed."""
-    model = ir.from_proto(ir.to_proto(model))
+    model = model.clone()  # nodes and values copied; tensors shared (passes replace them, never edit them)
     record = CleanupRecord()
     before_identity = _count(model, "Identity")
     before_const = _count(model, "Constant")
     passes = [
+        InlinePass(),  # model-local functions (exported modules kept whole) become plain, prunable nodes
+        RemoveUnusedFunctionsPass(),
         NameFixPass(),
         LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         IdentityEliminationPass(),

@@ -22,7 +22,7 @@ class FoldRecord:
 
 def fold_batchnorm(model: ir.Model) -> tuple[ir.Model, FoldRecord]:
     """Return a copy of ``model`` with every foldable Conv→BatchNormalization pair merged."""
-    model = ir.from_proto(ir.to_proto(model))
+    model = model.clone()  # nodes and values copied; tensors shared (passes replace them, never edit them)
     record = FoldRecord()
     graph = model.graph
     for bn in list(graph):
@@ -41,10 +41,14 @@ def fold_batchnorm(model: ir.Model) -> tuple[ir.Model, FoldRecord]:
         new_b = ((b - mean) * scale + beta).astype(dtype)
         w_val = _initializer(graph, f"{conv.name}.weight_bnfold", new_w)
         b_val = _initializer(graph, f"{conv.name}.bias_bnfold", new_b)
+        old_weights = [conv.inputs[1], conv.inputs[2] if _has(conv, 2) else None]
         if len(conv.inputs) < 3:
             conv.resize_inputs(3)
         conv.replace_input_with(1, w_val)
         conv.replace_input_with(2, b_val)
+        for v in old_weights:  # unmap what was read: on a big model, mapped and folded weights would double RSS
+            if v is not None and isinstance(v.const_value, ir.ExternalTensor):
+                v.const_value.release()  # safe: an external tensor maps its file again if read again
         conv_out, bn_out = conv.outputs[0], bn.outputs[0]
         name = bn_out.name
         bn_out.replace_all_uses_with(conv_out, replace_graph_outputs=True)

@@ -41,7 +41,7 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int
     replaces each removed channel by its mean activation instead of its masked constant: the
     bias compensation of channel pruning, which keeps the consumers' outputs unbiased.
     """
-    model = ir.from_proto(ir.to_proto(model))
+    model = model.clone()  # nodes and values copied; tensors shared (replaced below, never edited in place)
     graph = model.graph
     nodes = {n.name: n for n in graph}
     removed_arr = np.array(sorted(set(int(u) for u in removed)), dtype=np.int64)
@@ -57,7 +57,9 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int
         if s.role == "out" and len(s.elems) and not keep(s.elems).any():
             raise ValueError(f"removing these units would leave {s.node} with no channels")
 
-    arrays = {name: v.const_value.numpy().copy() for name, v in graph.initializers.items() if v.const_value is not None}
+    # The weights as they are (memory-mapped for external data): every change below makes a new array.
+    arrays = {name: v.const_value.numpy() for name, v in graph.initializers.items() if v.const_value is not None}
+    unchanged = dict(arrays)
     slots = list(analysis.slots)
     folds = analysis.folds
     if input_means is not None:
@@ -75,10 +77,8 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int
                 arrays[name] = np.compress(mask, arrays[name], axis=axis)
     for name, value in list(graph.initializers.items()):
         arr = arrays.get(name)
-        if arr is not None and value.const_value is not None:
-            original = value.const_value.numpy()
-            if arr.shape != original.shape or not np.array_equal(arr, original):
-                _set_initializer(value, arr)
+        if arr is not None and value.const_value is not None and arr is not unchanged.get(name):
+            _set_initializer(value, arr)
 
     for s in analysis.slots:
         if s.role == "out" and not any(c.node == s.node for c in record.layers):
@@ -119,25 +119,25 @@ def _fold_biases(graph, nodes, folds, analysis: ChannelAnalysis, keep, arrays, r
         if not gone.any():
             continue
         node = nodes[fold.node]
-        W = arrays[fold.weight].astype(np.float64)  # still the original, unsliced weight
+        W = arrays[fold.weight]  # still the original, unsliced weight; only the removed positions are read
         c = np.nan_to_num(fold.const[gone])
         p = fold.positions[gone]
         if not c.any():
             continue
         if fold.kind == "conv":
-            delta = W[:, p].reshape(W.shape[0], len(p), -1).sum(axis=2) @ c
+            delta = W[:, p].astype(np.float64).reshape(W.shape[0], len(p), -1).sum(axis=2) @ c
         elif fold.kind == "grouped":
             groups = node.attributes.get_int("group", 1)
             cout_g, cin_g = W.shape[0] // groups, W.shape[1]
-            ksum = W.reshape(W.shape[0], cin_g, -1).sum(axis=2)
+            ksum = W.astype(np.float64).reshape(W.shape[0], cin_g, -1).sum(axis=2)
             delta = np.zeros(W.shape[0])
             for pos, val in zip(p.tolist(), c.tolist()):
                 k, i = divmod(pos, cin_g)
                 delta[k * cout_g:(k + 1) * cout_g] += val * ksum[k * cout_g:(k + 1) * cout_g, i]
         elif fold.in_axis == 1:
-            delta = W[:, p] @ c
+            delta = W[:, p].astype(np.float64) @ c
         else:
-            delta = c @ W[p, :]
+            delta = c @ W[p, :].astype(np.float64)
         bias = graph.initializers[fold.bias] if fold.bias is not None else None
         if bias is None:
             dtype = arrays[fold.weight].dtype

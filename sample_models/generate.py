@@ -134,12 +134,13 @@ def mobilefacenet() -> onnx.ModelProto:
                    mobilefacenet.__doc__ or "")
 
 
-def iresnet() -> onnx.ModelProto:
+def iresnet(blocks: Sequence[int] = (1, 2, 2, 1), widths: Sequence[int] = (16, 32, 64, 80), stem: int = 16,
+            embedding: int = 512, name: str = "iresnet", doc: str = "") -> onnx.ModelProto:
     """iResNet (widths 16/32/64/80, blocks 1/2/2/1); last stage is narrow so Flatten->Gemm(7*7*C->512) stays <3M."""
     b = _Builder(1002)
-    x = b.cba("input", 3, 16, 3, 1, act="prelu", name="conv1")
-    cin = 16
-    for li, (cout, n) in enumerate(zip((16, 32, 64, 80), (1, 2, 2, 1)), start=1):
+    x = b.cba("input", 3, stem, 3, 1, act="prelu", name="conv1")
+    cin = stem
+    for li, (cout, n) in enumerate(zip(widths, blocks), start=1):
         for i in range(n):
             nm, s = f"layer{li}.{i}", 2 if i == 0 else 1
             y = b.bn(x, cin, f"{nm}.bn1")
@@ -148,8 +149,21 @@ def iresnet() -> onnx.ModelProto:
             sc = x if s == 1 and cin == cout else b.cba(x, cin, cout, 1, s, act="none", name=f"{nm}.downsample")
             x, cin = b.op("Add", [y, sc], f"{nm}.add"), cout
     x = b.op("Flatten", [b.bn(x, cin, "bn2")], "flatten", axis=1)
-    x = b.bn(b.gemm(x, cin * 49, 512, "fc"), 512, "features", out="embedding")
-    return b.model("iresnet", [("input", ["N", 3, 112, 112])], [("embedding", ["N", 512])], iresnet.__doc__ or "")
+    x = b.bn(b.gemm(x, cin * 49, embedding, "fc"), embedding, "features", out="embedding")
+    return b.model(name, [("input", ["N", 3, 112, 112])], [("embedding", ["N", embedding])],
+                   doc or iresnet.__doc__ or "")
+
+
+def iresnet100(width: float = 1.0) -> onnx.ModelProto:
+    """iResNet-100 (blocks 3/13/30/3, widths 64-512, 512-d embedding: 65M parameters at ``width`` 1).
+
+    Why: the size of the recognizers users really prune (~260 MB), for the scale benchmark.
+    ``width`` scales every channel count and the embedding, so parameters scale as ``width**2``
+    (0.125, 0.25, 0.5, 1 give about 1M, 4M, 16M, 65M) while the graph keeps its 100-layer depth.
+    """
+    w = lambda c: max(8, int(round(c * width)))  # noqa: E731
+    return iresnet(blocks=(3, 13, 30, 3), widths=tuple(w(c) for c in (64, 128, 256, 512)), stem=w(64),
+                   embedding=w(512), name="iresnet100", doc=iresnet100.__doc__ or "")
 
 
 def _resize_like(b: _Builder, x: str, like: str, name: str) -> str:

@@ -32,7 +32,7 @@ def test_quantized_model_is_valid_int8_and_close(name: str) -> None:
     q = result.model
     onnx.checker.check_model(q)
     assert interface(q) == interface(model)
-    assert result.report.kernels.get("QLinearConv", 0) + result.report.kernels.get("QLinearMatMul", 0) > 0
+    assert sum(result.report.kernels.get(k, 0) for k in ("QLinearConv", "QLinearMatMul", "QGemm")) > 0
     assert result.report.fidelity["outputs"][0]["cosine"] > 0.95
     x = _data(model, 4, seed=9).batches[0]
     assert [a.shape for a in run(model, {"x": x})] == [b.shape for b in run(q, {"x": x})]
@@ -81,7 +81,15 @@ def test_cli_quantize_and_slim_int8(tmp_path: Path) -> None:
     np.save(npy, _data(model).batches[0])
     assert main(["quantize", str(path), "--calib", str(npy), "-q", "--json", str(tmp_path / "q.json")]) == 0
     assert (tmp_path / "m.int8.onnx").exists()
-    assert json.loads((tmp_path / "q.json").read_text())["kind"] == "quantize"
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["kind"] == "quantize"
+    import jsonschema
+    jsonschema.validate(report, json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json")
+                                           .read_text()))
+    rows = report["layer_errors"]
+    assert rows and all(r["sqnr_db"] is None or r["sqnr_db"] > 10 for r in rows)
+    int8_convs = {n.name for n in model.graph.node if n.op_type == "Conv"} - set(report["excluded"])
+    assert int8_convs and int8_convs <= {r["node"] for r in rows if r["op_type"].startswith("Conv")}
     assert main(["slim", str(path), "--ratio", "0.25", "--round-to", "1", "--int8", "--calib", str(npy), "-q",
                  "--json", str(tmp_path / "s.json")]) == 0
     report = json.loads((tmp_path / "s.json").read_text())
@@ -131,7 +139,56 @@ def test_max_drop_keeps_the_most_harmful_layers_in_float() -> None:
     data = _data(model)
     plain = quantize(model, data)
     strict = quantize(model, data, max_drop=0.0, max_float_layers=2)
-    assert strict.report.excluded and len(strict.report.excluded) <= 2
+    kept = [e for e in strict.report.excluded if e not in plain.report.excluded]  # beyond the speed rule's
+    assert kept and len(kept) <= 2
     assert any("--max-drop" in n for n in strict.report.notes)
     cos = lambda r: r.report.fidelity["outputs"][0]["cosine"]  # noqa: E731
     assert cos(strict) >= cos(plain) - 1e-6
+
+
+def test_layer_errors_match_ort_debugging_and_find_a_broken_layer() -> None:
+    """The table reproduces qdq_loss_debug's SQNR, and the layer given a bad range is the one blamed."""
+    from onnxruntime.quantization.qdq_loss_debug import compute_signal_to_quantization_noice_ratio as ort_sqnr
+    from onnxprune.calibration.activations import stream
+    from onnxprune.int8 import most_harmful_layer
+    from onnxprune.quantization import pre_process, quantize_qdq
+    from onnxprune.quantization.layer_error import layer_errors, worst_layers
+    from onnxprune.quantization.qdq import compute_ranges
+    model = PATTERNS["chain"](0)
+    x = _data(model).batches[0]
+    pre = pre_process(model)
+    ranges = compute_ranges(pre, "x", [x], "mse")
+    conv2 = next(n for n in pre.graph.node if n.op_type == "Conv" and n.name != "Conv_1")
+    relu2 = next(n for n in pre.graph.node if n.input[0] == conv2.output[0])
+    lo, hi = ranges[relu2.output[0]]
+    bad = dict(ranges, **{relu2.output[0]: (lo, hi * 0.2)})  # clips 80% of the range of the 2nd layer
+    q, _ = quantize_qdq(pre, "x", [x], ranges=bad)
+    rows = layer_errors(pre, q, "x", [x], samples=4)
+    by_tensor = {r.tensor: r for r in rows}
+    got: dict = {}
+    stream(pre, [relu2.output[0]], "x", [x[:4]], got.update)
+    want = dict(got)
+    stream(q, [relu2.output[0]], "x", [x[:4]], got.update)
+    assert abs(by_tensor[relu2.output[0]].sqnr_db - ort_sqnr(want[relu2.output[0]], got[relu2.output[0]])) < 0.05
+    assert worst_layers(rows, 1)[0].node == conv2.name
+    assert by_tensor[relu2.output[0]].sqnr_db < 15 < min(r.sqnr_db for r in rows if r.node != conv2.name)
+    assert most_harmful_layer(pre, q, "x", [x], rows=rows) == conv2.name
+    assert most_harmful_layer(pre, q, "x", [x], skip=[conv2.name], rows=rows) != conv2.name
+
+
+def test_layers_slow_in_int8_stay_float() -> None:
+    """The 3-channel stem conv and depthwise convs under 16 channels (with their activation) stay float."""
+    from onnxprune.quantization.latency import slow_int8_layers
+    model = PATTERNS["depthwise"](0)  # stem 3->12 (+BN+act), depthwise 12, pointwise 12->8
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    act_of = {n.input[0]: n.name for n in model.graph.node if n.op_type in ("Relu", "LeakyRelu")}
+    slow = slow_int8_layers(PATTERNS["depthwise"](0))
+    assert convs[0].name in slow and convs[1].name in slow and convs[2].name not in slow
+    chain = PATTERNS["chain"](0)  # stem 3->8, then 8->16 (not depthwise): only the stem
+    assert slow_int8_layers(chain) == [chain.graph.node[0].name]
+    result = quantize(model, _data(model))
+    assert convs[0].name in result.report.excluded and any("CPU speed" in n for n in result.report.notes)
+    assert result.report.kernels.get("QLinearConv", 0) >= 1  # the pointwise conv is still int8
+    off = quantize(model, _data(model), float_slow_layers=False)
+    assert not off.report.excluded and off.report.kernels["QLinearConv"] > result.report.kernels["QLinearConv"]
+    assert set(act_of.values()) <= set(result.report.excluded)  # BN folded: the activations follow their conv

@@ -18,6 +18,7 @@ import onnx
 
 from ..errors import ConfigError
 from ..graph.shapes import DEFAULT_SPATIAL, graph_inputs
+from ..progress import Progress, log_progress
 
 if TYPE_CHECKING:  # PIL is imported lazily: only image loading needs it
     from PIL import Image
@@ -327,7 +328,7 @@ def _load_array(path: Path, name: str) -> np.ndarray:
 
 def load_calibration(path: str | Path, model: onnx.ModelProto, *, count: int = 64, seed: int = 0,
                      preprocess: Preprocess | None = None, preset: str | None = None,
-                     input_name: str | None = None) -> CalibrationSet:
+                     input_name: str | None = None, progress: Progress | None = None) -> CalibrationSet:
     """Calibration samples for one model input (the first real input unless ``input_name``).
 
     ``path`` is an image folder (searched recursively, sorted, shuffled by ``seed``, first ``count`` kept so
@@ -358,11 +359,14 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, count: int = 6
     files = _find_images(path)
     if len(files) > 1:
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))[:count]]
+    say = progress or log_progress
     first = pre.apply(_open_rgb(files[0]), size)
     data = np.empty((len(files), *first.shape), dtype=first.dtype)  # one buffer: no per-image copies to stack
     data[0] = first
+    say("loading calibration images", 1, len(files))
     for i, f in enumerate(files[1:], start=1):
         data[i] = pre.apply(_open_rgb(f), size)
+        say("loading calibration images", i + 1, len(files))
     if dims is not None:
         _check_array(name, dims, dtype, data, "preprocessing", _HINT)
     return CalibrationSet(name, [data], [str(f) for f in files], replace(pre, size=size), notes)

@@ -33,10 +33,25 @@ def rule(*op_types: str) -> Callable[[Rule], Rule]:
 def apply(node: ir.Node, t: Tracer) -> None:
     """Run the rule for ``node``; unknown ops and custom domains block their inputs' channels."""
     fn = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    for v in captured_values(node):  # If/Loop/Scan bodies read outer tensors without listing them as inputs
+        m = t.map(v)
+        if m is not None:
+            t.block(m.elems, f"read inside a subgraph of {node.op_type} {node.name}")
     if fn is None:
         t.block_inputs(node, f"unsupported op {node.op_type} ({node.name})")
         return
     fn(node, t)
+
+
+def captured_values(node: ir.Node) -> list[ir.Value]:
+    """Outer-scope values that the subgraphs of ``node`` (recursively) read."""
+    found: list[ir.Value] = []
+    stack = [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH for g in [a.as_graph()]]
+    stack += [g for a in node.attributes.values() if a.type == ir.AttributeType.GRAPHS for g in a.as_graphs()]
+    for graph in stack:
+        for inner in ir.traversal.RecursiveGraphIterator(graph):
+            found += [v for v in inner.inputs if v is not None and v.graph is not graph and v.graph is not inner.graph]
+    return found
 
 
 # -- small helpers -------------------------------------------------------------------------------

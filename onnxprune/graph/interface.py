@@ -7,12 +7,14 @@ from typing import Iterable
 import onnx
 import onnx_ir as ir
 
+from .skeleton import skeleton
+
 
 def restore_interface(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
     """Re-infer intermediate shapes and restore the original interface declarations verbatim."""
     del model.graph.value_info[:]
-    try:
-        model = onnx.shape_inference.infer_shapes(model)
+    try:  # on a skeleton: inference never reads the weights, and copying them would cost the model's size
+        model.graph.value_info.extend(onnx.shape_inference.infer_shapes(skeleton(model)).graph.value_info)
     except Exception:
         pass  # shapes of intermediates are optional; the checker and ORT decide validity
     inits = {i.name for i in original.graph.initializer}
@@ -29,9 +31,11 @@ def restore_interface(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx
 
 def exposing(model: onnx.ModelProto | ir.Model, names: Iterable[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs the tensors ``names`` (to read intermediate activations)."""
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    out = onnx.ModelProto()
-    out.CopyFrom(proto)
+    if isinstance(model, ir.Model):
+        out = ir.to_proto(model)  # already a fresh proto: no second copy of the weights
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     existing = {o.name for o in out.graph.output}
     for name in names:
         if name not in existing:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -12,8 +15,18 @@ import onnxruntime as ort
 from .shapes import graph_inputs
 
 
-def session(model: onnx.ModelProto, threads: int = 0, *, optimize: bool = True) -> ort.InferenceSession:
-    """A quiet CPU session; ``threads`` > 0 pins the intra-op pool (benchmarks and checks use 1)."""
+# Models above this size reach ORT as a file with external data, which it reads tensor by tensor,
+# instead of serialised bytes it parses whole: two transient copies of the weights less.
+BY_PATH_BYTES = 64 * 2**20
+
+
+def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, optimize: bool = True
+            ) -> ort.InferenceSession:
+    """A quiet CPU session; ``threads`` > 0 pins the intra-op pool (benchmarks and checks use 1).
+
+    A path lets ORT read external data itself, without a serialised copy of the weights; a big
+    ModelProto is written to a temporary folder and opened the same way.
+    """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:
@@ -21,7 +34,14 @@ def session(model: onnx.ModelProto, threads: int = 0, *, optimize: bool = True) 
         opts.inter_op_num_threads = 1
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if isinstance(model, (str, os.PathLike)):
+        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    if model.ByteSize() <= BY_PATH_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="onnxprune-session-", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "model.onnx"
+        ir.save(ir.from_proto(model), path, external_data="model.onnx.data")
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def fixed_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> bool:

@@ -12,10 +12,12 @@ from typing import Mapping
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import shape_inference
 
 from ..errors import ConfigError
+from .skeleton import is_elided, skeleton
 
 Shape = tuple[int, ...]
 
@@ -73,8 +75,8 @@ def representative_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape]
 
 
 def _fix_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
+    """A skeleton of ``model`` (large weights elided) with concrete input dims and no stale value_info."""
+    fixed = skeleton(model)
     del fixed.graph.value_info[:]
     for inp in fixed.graph.input:
         if inp.name in shapes:
@@ -85,8 +87,12 @@ def _fix_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.Mod
     return fixed
 
 
-def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
-    """Shape of every tensor for the given input shapes (ONNX inference, ORT run for what it leaves open)."""
+def infer_concrete_shapes(model: onnx.ModelProto | ir.Model, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    """Shape of every tensor for the given input shapes (ONNX inference, ORT run for what it leaves open).
+
+    Inference runs on a skeleton (large weights elided), so it costs the graph, not the weights;
+    only the ORT fallback, for shapes inference leaves open, needs the real weights.
+    """
     fixed = _fix_inputs(model, input_shapes)
     try:
         inferred = shape_inference.infer_shapes(fixed, data_prop=True)
@@ -99,11 +105,22 @@ def infer_concrete_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sha
         elem_types[vi.name] = tt.elem_type
         if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
             shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
-    for init in model.graph.initializer:
+    for init in fixed.graph.initializer:
         shapes[init.name] = tuple(init.dims)
-    missing = [o for n in model.graph.node for o in n.output if o and o not in shapes]
+    missing = [o for n in fixed.graph.node for o in n.output if o and o not in shapes]
     if missing:
-        shapes.update(_shapes_by_running(fixed, missing, elem_types, input_shapes))
+        full = ir.to_proto(model) if isinstance(model, ir.Model) else model
+        if any(is_elided(t) for t in full.graph.initializer):
+            return shapes  # a skeleton given: no weights to run with
+        runnable = onnx.ModelProto()
+        runnable.CopyFrom(full)
+        del runnable.graph.value_info[:]
+        for inp in runnable.graph.input:
+            if inp.name in input_shapes:
+                inp.type.tensor_type.shape.Clear()
+                for d in input_shapes[inp.name]:
+                    inp.type.tensor_type.shape.dim.add().dim_value = d
+        shapes.update(_shapes_by_running(runnable, missing, elem_types, input_shapes))
     return shapes
 
 

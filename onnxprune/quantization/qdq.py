@@ -44,10 +44,22 @@ class QuantizeRecord:
     notes: list[str] = field(default_factory=list)
 
 
-def check_not_quantized(model: onnx.ModelProto) -> None:
-    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+def check_not_quantized(model: onnx.ModelProto, verb: str = "quantize") -> None:
+    """Refuse int8 graphs (QDQ or QOperator): re-quantizing or pruning them needs the float original."""
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or is_int8_kernel(n.op_type)})
     if found:
-        raise ConfigError(f"the model is already quantized ({', '.join(found)}); quantize its float original")
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(f"the model is already quantized ({shown}); {verb} its float original")
+
+
+def check_float32(model: onnx.ModelProto) -> None:
+    """ORT's quantizer calibrates float32 graphs; on fp16 ones it mixes casts into a slower, odd model."""
+    halves = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+    types = [i.type.tensor_type.elem_type for i in graph_inputs(model)] + [t.data_type for t in model.graph.initializer]
+    found = {halves[t] for t in types if t in halves}
+    if found:
+        raise ConfigError(f"int8 quantization needs a float32 model, this one is {'/'.join(sorted(found))}; "
+                          "quantize its float32 export")
 
 
 def to_opset13(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -66,14 +78,29 @@ def pre_process(model: onnx.ModelProto) -> onnx.ModelProto:
     """ORT's recommended pre-processing (symbolic shape inference + graph optimisation)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "pre.onnx"
+        src, out = Path(tmp) / "in.onnx", Path(tmp) / "pre.onnx"
+        # By path, not as a ModelProto: given a proto, ORT moves its weights to placeholder external
+        # data in place, which breaks its own optimiser (Resize scales) and every later use of the proto.
+        onnx.save(model, str(src))
         for kwargs in ({}, {"skip_symbolic_shape": True}, {"skip_optimization": True, "skip_symbolic_shape": True}):
             try:
-                quant_pre_process(model, str(out), **kwargs)
+                with _working_dir(tmp):  # a failed symbolic shape inference dumps its model into the cwd
+                    quant_pre_process(str(src), str(out), **kwargs)
                 return onnx.load(str(out))
             except Exception:  # fall back to less ambitious pre-processing
                 continue
     return model
+
+
+@contextlib.contextmanager
+def _working_dir(path: str):
+    """Run inside ``path`` (ORT writes sym_shape_infer_temp.onnx and a .data file to the cwd)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
@@ -144,7 +171,17 @@ def quantize_qdq(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
                 quantize_static(src, out, _Reader(input_name, batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=list(exclude_nodes), calibrate_method=method, extra_options=extra)
-        return onnx.load(out), record
+        return _sorted(onnx.load(out)), record
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's quantizer orders nodes ignoring what If/Loop bodies read from the outer graph: re-sort."""
+    if not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node
+               for a in n.attribute):
+        return model
+    import onnx_ir as ir
+    from onnx_ir.passes.common import TopologicalSortPass
+    return ir.to_proto(TopologicalSortPass()(ir.from_proto(model)).model)
 
 
 @contextlib.contextmanager

@@ -48,7 +48,8 @@ def minmax_pass(stream_fn, names: list[str]) -> dict[str, tuple[float, float]]:
 
 def histogram_pass(stream_fn, ranges: dict[str, tuple[float, float]], bins: int = BINS) -> dict[str, TensorHistogram]:
     """Second pass: a histogram of every tensor over its range."""
-    hists = {n: TensorHistogram(lo, hi if hi > lo else lo + 1e-6, np.zeros(bins)) for n, (lo, hi) in ranges.items()}
+    hists = {n: TensorHistogram(lo, max(hi, lo + _min_width(lo, hi, bins)), np.zeros(bins))
+             for n, (lo, hi) in ranges.items() if np.isfinite(lo) and np.isfinite(hi)}
 
     def consume(tensors: dict[str, np.ndarray]) -> None:
         for n, h in hists.items():
@@ -57,6 +58,11 @@ def histogram_pass(stream_fn, ranges: dict[str, tuple[float, float]], bins: int 
 
     stream_fn(consume)
     return hists
+
+
+def _min_width(lo: float, hi: float, bins: int) -> float:
+    """Narrowest range whose bins float32 data can still tell apart (constant tensors have none)."""
+    return bins * 4 * float(np.finfo(np.float32).eps) * max(1.0, abs(lo), abs(hi))
 
 
 def quant_error(h: TensorHistogram, rmin: float, rmax: float, qmin: int = 0, qmax: int = 255) -> float:

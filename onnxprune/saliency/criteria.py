@@ -57,6 +57,24 @@ def get_criterion(name: str) -> Criterion:
         raise ConfigError(f"unknown criterion {name!r}; choose one of {', '.join(sorted(CRITERIA))}") from None
 
 
+# Weights are reduced in blocks of this many elements: float64 copies of a whole 50 MB Gemm weight
+# (three of them: abs, power, moved axis) were the peak memory of slim on 65M-parameter models.
+_BLOCK_ELEMS = 1 << 21
+
+
+def position_sums(weight: np.ndarray, axis: int, order: float) -> np.ndarray:
+    """Per position along ``axis``, the sum of ``|w|**order`` over all other axes (float64, bounded memory)."""
+    moved = np.moveaxis(weight, axis, 0)
+    out = np.empty(moved.shape[0])
+    step = max(1, _BLOCK_ELEMS // max(1, moved[0].size))
+    for i in range(0, moved.shape[0], step):
+        block = np.abs(moved[i:i + step].astype(np.float64))
+        if order != 1:
+            block **= order
+        out[i:i + step] = block.reshape(len(block), -1).sum(axis=1)
+    return out
+
+
 def _slot_norms(ctx: ScoreContext, order: float, roles: tuple[str, ...]) -> dict[int, list[float]]:
     """Per unit, the norm of its slice in every weight slot, each normalised by the slot's mean."""
     a = ctx.analysis
@@ -64,12 +82,10 @@ def _slot_norms(ctx: ScoreContext, order: float, roles: tuple[str, ...]) -> dict
     for s in a.slots:
         if s.role not in roles:
             continue
-        arr = np.moveaxis(np.abs(ctx.arrays[s.value].astype(np.float64)), s.axis, 0).reshape(len(s.elems), -1)
         roots = a.root[s.elems]
         units, inverse = np.unique(roots, return_inverse=True)
-        powered = arr ** order if order != 1 else arr
         sums = np.zeros(len(units))
-        np.add.at(sums, inverse, powered.sum(axis=1))
+        np.add.at(sums, inverse, position_sums(ctx.arrays[s.value], s.axis, order))
         norms = sums ** (1 / order)
         mean = norms.mean()
         if mean <= 0:
@@ -146,8 +162,7 @@ def activation(ctx: ScoreContext) -> dict[int, float]:
     for c in a.consumers:
         if c.input not in ctx.moments.axes:
             continue
-        W = ctx.arrays[c.weight].astype(np.float64)
-        per_pos = (np.moveaxis(W, c.in_axis, 0).reshape(W.shape[c.in_axis], -1) ** 2).sum(axis=1)
+        per_pos = position_sums(ctx.arrays[c.weight], c.in_axis, 2.0)
         var = ctx.moments.var(c.input)
         if len(var) != len(c.elems):
             continue

@@ -1,0 +1,378 @@
+"""Sweeps: compress each model at several ratios, criteria and int8 settings; measure every point.
+
+A deployment team rarely knows the right ratio up front; it picks a point on the frontier of
+fidelity against latency. Each point is one independent compute job (slim, optionally
+quantize, fidelity on held-out calibration samples) on a :class:`~onnxprune.executors.TaskExecutor`,
+then one timing job (original vs compressed, interleaved, on one thread) run alone.
+
+Points are content-addressed (model hash + options), so an interrupted sweep re-run with the same
+arguments only does what is missing. Files appear atomically: ``model.onnx`` first, then
+``compute.json`` (fidelity, size, params), then ``point.json`` (with latency): a point is complete
+when ``point.json`` exists and the model's hash matches it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .calibration import CalibrationSet
+from .calibration.split import CalibrationSplit
+from .errors import ConfigError
+from .executors import LocalExecutor, TaskExecutor
+from .fidelity import TASKS
+from .graph.io import load_proto, save_atomic, write_text_atomic
+from .graph.metrics import count_macs, count_params
+from .graph.runtime import session
+from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
+from .pipeline import DEFAULT_ROUND_TO
+from .progress import Progress, log_progress
+from .report import _finite
+from .saliency.criteria import DESCRIPTIONS
+
+log = logging.getLogger(__name__)
+FORMAT = 1  # bump when a point's contents change meaning: old caches are then recomputed
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """Everything besides the model that decides a point's output (and so its cache key)."""
+
+    ratios: tuple[float, ...]
+    criteria: tuple[str | None, ...] = (None,)  # None: slim's default for calibrated pruning
+    int8: tuple[bool, ...] = (False,)
+    task: str = "auto"
+    thresholds: str = "mse"
+    round_to: int = DEFAULT_ROUND_TO
+    holdout: float = 0.25
+    input_shapes: tuple[tuple[str, Shape], ...] = ()
+    runs: int = 30  # interleaved timing rounds per point
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not self.ratios:
+            raise ConfigError("--ratios needs at least one ratio")
+        for r in self.ratios:
+            if not 0 <= r < 1:
+                raise ConfigError(f"--ratios must be in [0, 1) (share of parameters removed), got {r}")
+        for c in self.criteria:
+            if c is not None and c not in DESCRIPTIONS:
+                raise ConfigError(f"unknown criterion {c!r}; known: {', '.join(DESCRIPTIONS)}")
+        if self.task not in TASKS:
+            raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.runs < 1:
+            raise ConfigError(f"--runs must be at least 1, got {self.runs}")
+
+
+@dataclass(frozen=True)
+class Point:
+    model: str  # label: the model's file name
+    model_hash: str
+    ratio: float
+    criterion: str | None
+    int8: bool
+
+    def key(self, options: SweepOptions, calibration_hash: str) -> str:
+        """Content address: the same model bytes, options and calibration give the same key."""
+        spec = {"format": FORMAT, "model": self.model_hash, "ratio": self.ratio, "criterion": self.criterion,
+                "int8": self.int8, "calibration": calibration_hash, "task": options.task,
+                "thresholds": options.thresholds if self.int8 else None, "round_to": options.round_to,
+                "holdout": options.holdout, "input_shapes": [list(map(str, kv)) for kv in options.input_shapes],
+                "seed": options.seed}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} r={self.ratio:g} {self.criterion or 'default'}{' int8' if self.int8 else ''}"
+
+
+@dataclass
+class SweepRow:
+    """One point of the result table."""
+
+    model: str
+    ratio: float
+    criterion: str
+    int8: bool
+    key: str
+    status: str = "ok"  # ok | failed
+    error: str | None = None
+    achieved_ratio: float | None = None
+    params: int | None = None
+    macs: int | None = None
+    size_bytes: int | None = None
+    fidelity: float | None = None
+    fidelity_metric: str | None = None
+    latency_ratio: float | None = None  # compressed / original, median of interleaved rounds
+    latency_iqr: float | None = None
+    original_ms: float | None = None
+    compressed_ms: float | None = None
+    pareto: bool = False
+    cached: bool = False  # reused from an earlier run
+    output: str | None = None
+    compute_seconds: float | None = None
+    fidelity_detail: dict | None = None  # the full FidelityReport, as in slim's report (JSON only)
+
+
+@dataclass
+class SweepResult:
+    rows: list[SweepRow]
+    executor: str
+    workers: int
+    outdir: str
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": __version__, "kind": "sweep", "executor": self.executor, "workers": self.workers,
+                "outdir": self.outdir, "seconds": self.seconds, "notes": self.notes,
+                "rows": [asdict(r) for r in self.rows]}
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        names = [f for f in SweepRow.__dataclass_fields__ if f != "fidelity_detail"]
+        w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for r in self.rows:
+            w.writerow(asdict(r))
+        return buf.getvalue()
+
+    def summary(self) -> str:
+        lines = [f"sweep: {len(self.rows)} points ({sum(r.cached for r in self.rows)} reused, "
+                 f"{sum(r.status != 'ok' for r in self.rows)} failed) on {self.executor} "
+                 f"({self.workers} workers) in {self.seconds:.1f} s; outputs in {self.outdir}",
+                 f"{'model':<22s} {'ratio':>5s} {'criterion':<10s} {'int8':<4s} {'removed':>7s} {'fidelity':>8s} "
+                 f"{'latency':>7s} {'size':>8s}  frontier"]
+        for r in self.rows:
+            if r.status != "ok":
+                lines.append(f"{r.model[:22]:<22s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
+                             f"FAILED: {r.error}")
+                continue
+            lat = f"{r.latency_ratio:.3f}" if r.latency_ratio is not None else "-"
+            lines.append(f"{r.model[:22]:<22s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
+                         f"{r.achieved_ratio:7.1%} {r.fidelity:8.4f} {lat:>7s} {r.size_bytes / 1e6:7.2f}M  "
+                         f"{'*' if r.pareto else ''}")
+        lines.append("fidelity: task metric on held-out calibration samples vs the original "
+                     "(mean output cosine without a task); latency: compressed/original, 1 thread, median of "
+                     "interleaved rounds; * = on the fidelity/latency Pareto frontier of its model")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- jobs
+@dataclass
+class SweepInputs:
+    """What every job reads, shipped once per worker or object-store put: models and calibration."""
+
+    models: dict[str, bytes]  # hash -> ONNX bytes
+    calibration: dict[str, CalibrationSet]  # hash -> that model's samples
+    options: SweepOptions
+
+
+def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
+    """slim (+ quantize) one point and measure it; returns the row fields and the model bytes."""
+    from .int8 import fidelity_value, quantize
+    from .pipeline import slim
+    start = time.perf_counter()
+    opts = inputs.options
+    original = onnx.load_from_string(inputs.models[point.model_hash])
+    calibration = inputs.calibration[point.model_hash]
+    shapes = dict(opts.input_shapes) or None
+    result = slim(original, point.ratio, criterion=point.criterion, round_to=opts.round_to, input_shapes=shapes,
+                  calibration=calibration, holdout=opts.holdout, task=opts.task, workers=1)
+    final = result.model
+    if point.int8:
+        final = quantize(final, calibration, thresholds=opts.thresholds, holdout=opts.holdout,
+                         task=opts.task).model
+    split = CalibrationSplit.split(calibration, opts.holdout, representative_shapes(original, shapes))
+    fidelity = split.evaluate(original, final, opts.task)
+    value = fidelity_value(fidelity)
+    metric = ("detection AP@0.5" if fidelity.detection_ap is not None else
+              "embedding cosine" if fidelity.embedding is not None else
+              "top-1 agreement" if fidelity.top1_agreement is not None else "mean output cosine")
+    data = final.SerializeToString()
+    pruned = result.model  # params and MACs of the float graph: a QDQ graph's are the same numbers
+    return {"achieved_ratio": result.report.achieved_ratio, "params": count_params(pruned),
+            "macs": count_macs(pruned, infer_concrete_shapes(pruned, representative_shapes(pruned, shapes))),
+            "size_bytes": len(data), "fidelity": float(value), "fidelity_metric": metric,
+            "fidelity_detail": _finite(fidelity.to_dict()),
+            "compute_seconds": time.perf_counter() - start, "model_bytes": data}
+
+
+def time_point(inputs: SweepInputs, item: tuple[str, str]) -> dict[str, float]:
+    """Original and compressed (a file path) timed interleaved on one thread, alone on this node."""
+    from .bench import interleaved_times
+    model_hash, path = item
+    opts = inputs.options
+    original = onnx.load_from_string(inputs.models[model_hash])
+    candidate = onnx.load(path)
+    calibration = inputs.calibration[model_hash]
+    feeds = {calibration.name: calibration.samples()[:1]}
+    times = interleaved_times([session(original, 1), session(candidate, 1)], feeds, opts.runs,
+                              max(3, opts.runs // 10), opts.seed)
+    ratio = times[:, 1] / times[:, 0]
+    q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
+    med = np.median(times, axis=0)
+    return {"latency_ratio": float(q50), "latency_iqr": float(q75 - q25), "original_ms": float(med[0]),
+            "compressed_ms": float(med[1])}
+
+
+# ------------------------------------------------------------------------------------------------- driver
+def plan(models: Mapping[str, bytes], options: SweepOptions) -> list[Point]:
+    """Every (model, ratio, criterion, int8) combination, in a stable order."""
+    hashes = {n: hashlib.sha256(b).hexdigest() for n, b in models.items()}
+    return [Point(name, hashes[name], float(r), c, bool(q))
+            for name, r, c, q in itertools.product(models, options.ratios, options.criteria, options.int8)]
+
+
+def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[CalibrationSet], options: SweepOptions,
+          outdir: str | Path, *, executor: TaskExecutor | None = None, progress: Progress | None = None) -> SweepResult:
+    """Run (or resume) a sweep; returns the table with its Pareto frontier marked per model.
+
+    ``calibration`` is one set for all models, or one per model (models with different inputs).
+    """
+    options.validate()
+    if not models:
+        raise ConfigError("sweep needs at least one model")
+    start = time.perf_counter()
+    say = progress or log_progress
+    out = Path(outdir)
+    try:
+        (out / "points").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    blobs: dict[str, bytes] = {}
+    for m in models:
+        proto = load_proto(m)  # one clear error for a bad model, before any job runs
+        name = Path(m).name
+        if name in blobs:
+            raise ConfigError(f"two models named {name}; rename one")
+        blobs[name] = proto.SerializeToString()
+    points = plan(blobs, options)
+    sets = [calibration] * len(models) if isinstance(calibration, CalibrationSet) else list(calibration)
+    if len(sets) != len(models):
+        raise ConfigError(f"{len(models)} models but {len(sets)} calibration sets")
+    hashes = [hashlib.sha256(b).hexdigest() for b in blobs.values()]
+    inputs = SweepInputs(dict(zip(hashes, blobs.values())), dict(zip(hashes, sets)), options)
+    calib_hash = {h: _calibration_hash(c) for h, c in inputs.calibration.items()}
+    keys = [p.key(options, calib_hash[p.model_hash]) for p in points]
+    rows = [SweepRow(p.model, p.ratio, p.criterion or "default", p.int8, k) for p, k in zip(points, keys)]
+
+    todo_compute, todo_time = [], []
+    for i, (p, k) in enumerate(zip(points, keys)):
+        state = _load_state(out / "points" / k)
+        if state.get("point"):
+            _fill(rows[i], state["point"])
+            rows[i].cached = True
+        elif state.get("compute"):
+            _fill(rows[i], state["compute"])
+            rows[i].cached = True
+            todo_time.append(i)
+        else:
+            todo_compute.append(i)
+
+    own = executor is None
+    pool = executor or LocalExecutor()
+    notes = []
+    try:
+        stage = f"compressing on {pool.name} ({pool.workers} workers)"
+        if todo_compute:
+            say(stage, 0, len(todo_compute))
+        for n, o in enumerate(pool.imap(compute_point, [points[i] for i in todo_compute], inputs), 1):
+            i = todo_compute[o.index]
+            say(stage, n, len(todo_compute))
+            if not o.ok:
+                log.warning("sweep point %s failed: %s", points[i].label, o.error)
+                rows[i].status, rows[i].error = "failed", o.error
+                continue
+            _store_compute(out / "points" / keys[i], o.value, points[i])
+            _fill(rows[i], {k: v for k, v in o.value.items() if k != "model_bytes"})
+            rows[i].output = str(out / "points" / keys[i] / "model.onnx")
+            todo_time.append(i)
+        todo_time.sort()
+        timed = pool.timing(time_point, [(points[i].model_hash, rows[i].output or
+                                          str(out / "points" / keys[i] / "model.onnx")) for i in todo_time], inputs,
+                            progress=lambda d, n: say("timing, one point at a time", d, n))
+        for i, o in zip(todo_time, timed):
+            if not o.ok:
+                rows[i].status, rows[i].error = "failed", f"timing: {o.error}"
+                continue
+            _fill(rows[i], o.value)
+            _store_point(out / "points" / keys[i], rows[i])
+    finally:
+        if own:
+            pool.close()
+    for r, k in zip(rows, keys):
+        if r.status == "ok":
+            r.output = str(out / "points" / k / "model.onnx")
+    mark_pareto(rows)
+    result = SweepResult(rows, pool.name, pool.workers, str(out), time.perf_counter() - start, notes)
+    write_text_atomic(json.dumps(result.to_dict(), indent=2, sort_keys=True), out / "sweep.json")
+    write_text_atomic(result.to_csv(), out / "sweep.csv")
+    return result
+
+
+def mark_pareto(rows: Sequence[SweepRow]) -> None:
+    """Per model: a point is on the frontier when no other is at least as good in both and better in one."""
+    ok = [r for r in rows if r.status == "ok" and r.fidelity is not None and r.latency_ratio is not None]
+    for r in rows:
+        r.pareto = r in ok and not any(
+            o.model == r.model and o.fidelity >= r.fidelity and o.latency_ratio <= r.latency_ratio
+            and (o.fidelity > r.fidelity or o.latency_ratio < r.latency_ratio) for o in ok)
+
+
+def _calibration_hash(calibration: CalibrationSet) -> str:
+    h = hashlib.sha256(calibration.name.encode())
+    for b in calibration.batches:
+        h.update(str(b.shape).encode() + str(b.dtype).encode())
+        h.update(np.ascontiguousarray(b).tobytes())
+    return h.hexdigest()
+
+
+def _fill(row: SweepRow, values: Mapping[str, Any]) -> None:
+    for k, v in values.items():
+        if k in SweepRow.__dataclass_fields__ and k not in ("model", "ratio", "criterion", "int8", "key", "cached"):
+            setattr(row, k, v)
+
+
+def _load_state(folder: Path) -> dict[str, Any]:
+    """What is complete in a point's folder; anything inconsistent counts as missing."""
+    model = folder / "model.onnx"
+    state: dict[str, Any] = {}
+    try:
+        compute = json.loads((folder / "compute.json").read_text())
+        if not model.is_file() or hashlib.sha256(model.read_bytes()).hexdigest() != compute.get("model_sha256"):
+            return {}
+        state["compute"] = compute
+        state["point"] = json.loads((folder / "point.json").read_text()) if (folder / "point.json").is_file() else None
+    except (OSError, ValueError):
+        return state
+    return state
+
+
+def _store_compute(folder: Path, value: Mapping[str, Any], point: Point) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "point.json").unlink(missing_ok=True)  # a stale timing must not outlive a recomputed model
+    data = value["model_bytes"]
+    save_atomic(onnx.load_from_string(data), folder / "model.onnx")
+    record = {k: v for k, v in value.items() if k != "model_bytes"}
+    record.update(model_sha256=hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest(),
+                  point=asdict(point))
+    write_text_atomic(json.dumps(record, indent=2, sort_keys=True), folder / "compute.json")
+
+
+def _store_point(folder: Path, row: SweepRow) -> None:
+    write_text_atomic(json.dumps({k: v for k, v in asdict(row).items() if k not in ("cached", "pareto")},
+                                 indent=2, sort_keys=True), folder / "point.json")
