@@ -124,8 +124,15 @@ def _install_shared(blob: bytes) -> None:
     _WORKER_SHARED = pickle.loads(blob)
 
 
+def _worker_call(fn: Job, shared: Any, item: Any) -> tuple[Any, str | None]:
+    """A job in a worker that owns one CPU: its ONNX Runtime sessions use one thread."""
+    from .graph.runtime import use_threads
+    use_threads(1)
+    return _call(fn, shared, item)
+
+
 def _pool_call(fn: Job, item: Any) -> tuple[Any, str | None]:
-    return _call(fn, _WORKER_SHARED, item)
+    return _worker_call(fn, _WORKER_SHARED, item)
 
 
 class LocalExecutor(TaskExecutor):
@@ -229,7 +236,7 @@ class RayExecutor(TaskExecutor):
             self._started = True
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         self.retries = retries
-        self._remote = ray.remote(num_cpus=1, max_retries=retries)(_call)
+        self._remote = ray.remote(num_cpus=1, max_retries=retries)(_worker_call)
 
     def imap(self, fn: Job, items: Sequence[T], shared: Any = None) -> Iterator[Outcome]:
         ray = self._ray

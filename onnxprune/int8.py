@@ -143,7 +143,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     With ``max_drop``, the layers that add the most error are kept in float, one at a time, until
     the held-out fidelity drop (1 - task metric, or 1 - mean output cosine) is at most ``max_drop``.
     ``float_slow_layers`` keeps in float the layers ORT's int8 CPU kernels run slower than fp32
-    (3-channel stem conv, depthwise convs narrower than 16 channels: ``quantization/latency.py``).
+    (3-channel stem conv or depthwise conv with under 16 outputs: ``quantization/latency.py``).
     """
     start = time.perf_counter()
     if thresholds not in THRESHOLDS:

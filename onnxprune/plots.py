@@ -240,8 +240,13 @@ def _sweep_charts(sweep: Mapping[str, Any], d: Path) -> list[Path]:
     series = [{"series": f"{_short(r['model'])} {r.get('criterion') or ''}{' int8' if r.get('int8') else ''}",
                "ratio": r.get("achieved_ratio", r["ratio"]) or r["ratio"], "fidelity": r["fidelity"]} for r in rows]
     out = [fidelity_vs_ratio(series, d / "fidelity_vs_ratio.png")]
-    points = [{"label": f"{s['series']} r={r['ratio']:g}", "fidelity": r["fidelity"],
-               "latency_ratio": r.get("latency_ratio"), "pareto": bool(r.get("pareto"))} for s, r in zip(series, rows)]
+    several = len({r["model"] for r in rows}) > 1
+
+    def label(r: Mapping[str, Any]) -> str:  # short enough to read beside a point: what differs
+        return (f"{_short(r['model'])} " if several else "") + f"r={r['ratio']:g} {r.get('criterion') or ''}" \
+            + (" int8" if r.get("int8") else "")
+    points = [{"label": label(r), "fidelity": r["fidelity"],
+               "latency_ratio": r.get("latency_ratio"), "pareto": bool(r.get("pareto"))} for r in rows]
     if any(p["latency_ratio"] is not None for p in points):
         out.append(fidelity_latency_frontier(points, d / "frontier.png"))
     return out

@@ -153,15 +153,15 @@ class SweepResult:
         lines = [f"sweep: {len(self.rows)} points ({sum(r.cached for r in self.rows)} reused, "
                  f"{sum(r.status != 'ok' for r in self.rows)} failed) on {self.executor} "
                  f"({self.workers} workers) in {self.seconds:.1f} s; outputs in {self.outdir}",
-                 f"{'model':<22s} {'ratio':>5s} {'criterion':<10s} {'int8':<4s} {'removed':>7s} {'fidelity':>8s} "
+                 f"{'model':<26s} {'ratio':>5s} {'criterion':<10s} {'int8':<4s} {'removed':>7s} {'fidelity':>8s} "
                  f"{'latency':>7s} {'size':>8s}  frontier"]
         for r in self.rows:
             if r.status != "ok":
-                lines.append(f"{r.model[:22]:<22s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
+                lines.append(f"{r.model[:26]:<26s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
                              f"FAILED: {r.error}")
                 continue
             lat = f"{r.latency_ratio:.3f}" if r.latency_ratio is not None else "-"
-            lines.append(f"{r.model[:22]:<22s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
+            lines.append(f"{r.model[:26]:<26s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
                          f"{r.achieved_ratio:7.1%} {r.fidelity:8.4f} {lat:>7s} {r.size_bytes / 1e6:7.2f}M  "
                          f"{'*' if r.pareto else ''}")
         lines.append("fidelity: task metric on held-out calibration samples vs the original "

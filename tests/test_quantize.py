@@ -186,6 +186,13 @@ def test_layers_slow_in_int8_stay_float() -> None:
     assert convs[0].name in slow and convs[1].name in slow and convs[2].name not in slow
     chain = PATTERNS["chain"](0)  # stem 3->8, then 8->16 (not depthwise): only the stem
     assert slow_int8_layers(chain) == [chain.graph.node[0].name]
+    from onnx import TensorProto, helper, numpy_helper
+    w = numpy_helper.from_array(np.zeros((16, 3, 3, 3), np.float32), "w")
+    wide_stem = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="stem16")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])], [w]))
+    assert slow_int8_layers(wide_stem) == []  # 16 output channels fill the int8 vectors: stays int8
     result = quantize(model, _data(model))
     assert convs[0].name in result.report.excluded and any("CPU speed" in n for n in result.report.notes)
     assert result.report.kernels.get("QLinearConv", 0) >= 1  # the pointwise conv is still int8

@@ -20,6 +20,19 @@ from .shapes import graph_inputs
 BY_PATH_BYTES = 64 * 2**20
 
 
+_default_threads = 0  # 0: ORT's default (all cores); executor workers set 1, see use_threads
+
+
+def use_threads(n: int) -> None:
+    """Default intra-op threads of later sessions in this process (0 = all cores).
+
+    Worker processes of an executor run one job per CPU: each job's sessions must then stay on
+    one thread, or N workers start N x cores threads that fight over the same cores.
+    """
+    global _default_threads
+    _default_threads = max(0, int(n))
+
+
 def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, optimize: bool = True
             ) -> ort.InferenceSession:
     """A quiet CPU session; ``threads`` > 0 pins the intra-op pool (benchmarks and checks use 1).
@@ -29,6 +42,7 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, opt
     """
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    threads = threads or _default_threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -5,12 +5,14 @@ Measured on RetinaFace-mnet0.25 at 640x640, 1 thread, AMD EPYC with AVX-512 VNNI
 runs QLinearConv (NHWC) and then a separate table-lookup QLinearLeakyRelu. For wide layers int8
 still wins (QLinearConv ~2x faster than Conv), but two kinds of layer lose:
 
-- the stem conv reading the 3-channel image (im2col with K = 27; int8 6.2 ms + LeakyRelu 3.6 ms
-  vs fp32 fused 7.0 ms);
+- a narrow stem conv reading the 3-channel image (3->8: int8 6.2 ms + LeakyRelu 3.6 ms vs fp32
+  fused 7.0 ms);
 - depthwise convs with fewer than 16 channels (NHWC int8 depthwise vectorises over channels; at
   8 channels and 320x320 it takes 5.9 ms + 0.9 ms LeakyRelu vs fp32 fused 4.7 ms).
 
 Keeping both in float took the whole model from 1.45x to 1.70x fp32 speed (interleaved medians).
+Both rules need fewer than 16 output channels: a wide stem (age-v1's 3->64 7x7) is much faster in
+int8, and keeping it float cost age-v1 a third of its int8 speed-up (2.9x -> 2.1x).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnx
 from ..graph.shapes import graph_inputs
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "Clip", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Elu")
-MIN_DEPTHWISE_CHANNELS = 16
+MIN_CHANNELS = 16  # below this, int8 NHWC kernels do not fill a vector
 MAX_STEM_CHANNELS = 4
 
 
@@ -41,8 +43,8 @@ def slow_int8_layers(model: onnx.ModelProto) -> list[str]:
             continue
         group = next((a.i for a in n.attribute if a.name == "group"), 1)
         stem = n.input[0] in inputs and w[1] * group <= MAX_STEM_CHANNELS
-        depthwise = group > 1 and w[1] == 1 and group == w[0] and group < MIN_DEPTHWISE_CHANNELS
-        if not (stem or depthwise):
+        depthwise = group > 1 and w[1] == 1 and group == w[0]
+        if not ((stem or depthwise) and w[0] < MIN_CHANNELS):
             continue
         picked.append(n.name)
         after = consumers.get(n.output[0], [])
