@@ -223,6 +223,8 @@ class RayExecutor(TaskExecutor):
         self._started = False
         self._shared: Any = None
         self._ref: Any = None
+        if address and address != "auto":
+            _reachable(address)
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": address, "include_dashboard": False, "log_to_driver": False,
                                       "logging_level": logging.WARNING}
@@ -283,6 +285,23 @@ class RayExecutor(TaskExecutor):
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
         self._started = False
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, with one line, when a cluster address does not answer (ray.init would wait minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+    parts = urlsplit(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ConfigError(f"--ray-address must be HOST:PORT, ray://HOST:PORT or auto, got {address!r}")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}") from None
 
 
 def make_executor(kind: str = "local", *, workers: int | None = None, address: str | None = None,

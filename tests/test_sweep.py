@@ -176,3 +176,14 @@ def test_cli_sweep_errors_are_one_line(setup, tmp_path: Path, capsys) -> None:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and needle in err, err
+
+
+def test_unreachable_ray_cluster_fails_fast_with_one_line(setup, capsys) -> None:
+    pytest.importorskip("ray")
+    model, _, npy = setup
+    start = time.time()
+    code = main(["sweep", str(model), "--ratios", "0.3", "--calib", str(npy), "--executor", "ray",
+                 "--ray-address", "127.0.0.1:1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("onnxprune: error: cannot reach the Ray cluster at 127.0.0.1:1")
+    assert time.time() - start < 30

@@ -95,10 +95,15 @@ def weights_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     consts = [helper.make_node("Constant", [], [t.name], name=f"const_{t.name}", value=t)
               for t in out.graph.initializer]
     out.graph.ClearField("initializer")
-    nodes = consts + list(out.graph.node)
-    out.graph.ClearField("node")
-    out.graph.node.extend(nodes)
-    return out
+    return _prepend(out, consts)
+
+
+def _prepend(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> onnx.ModelProto:
+    """``nodes`` before the graph's own (they produce what the graph reads: topological order holds)."""
+    rest = list(model.graph.node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes + rest)
+    return model
 
 
 def weights_through_identity(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -114,10 +119,7 @@ def weights_through_identity(model: onnx.ModelProto) -> onnx.ModelProto:
                 alias = f"onnx::{node.op_type}_{k}"
                 idents.append(helper.make_node("Identity", [name], [alias], name=f"Identity_{k}"))
                 node.input[i] = alias
-    nodes = idents + list(out.graph.node)
-    out.graph.ClearField("node")
-    out.graph.node.extend(nodes)
-    return out
+    return _prepend(out, idents)
 
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
