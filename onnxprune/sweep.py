@@ -39,7 +39,7 @@ from .graph.runtime import session
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
 from .pipeline import DEFAULT_ROUND_TO
 from .progress import Progress, log_progress
-from .report import _finite
+from .report import SCHEMA_VERSION, _finite
 from .saliency.criteria import DESCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": __version__, "kind": "sweep", "executor": self.executor, "workers": self.workers,
+        return {"schema": SCHEMA_VERSION, "version": __version__, "kind": "sweep", "executor": self.executor, "workers": self.workers,
                 "outdir": self.outdir, "seconds": self.seconds, "notes": self.notes,
                 "rows": [asdict(r) for r in self.rows]}
 

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import onnxprune
 from onnxprune.calibration import CalibrationSet
 from onnxprune.cli import main
 from onnxprune.executors import LocalExecutor, make_executor
@@ -75,6 +76,11 @@ def test_local_pool_and_serial_give_the_same_table_and_bytes(setup, tmp_path: Pa
     assert by[("l2", 0.5)].params < by[("l2", 0.3)].params
     saved = json.loads((tmp_path / "a" / "sweep.json").read_text())
     assert [r["key"] for r in saved["rows"]] == [r.key for r in serial.rows]
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json").read_text())
+    jsonschema.validate(saved, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**saved, "executor": "threads"}, schema)
     assert (tmp_path / "a" / "sweep.csv").read_text().count("\n") == 5
 
 
@@ -109,6 +115,9 @@ def test_failed_point_is_reported_and_the_rest_completes(setup, tmp_path: Path, 
     assert status[("l2", 0.5)] == ("failed", "RuntimeError: injected failure")
     assert status[("l2", 0.3)] == ("ok", None) and status[("activation", 0.3)] == ("ok", None)
     assert "FAILED: RuntimeError: injected failure" in result.summary()
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json").read_text())
+    jsonschema.validate(json.loads((tmp_path / "sweep.json").read_text()), schema)  # failed rows included
     # A failed point is not cached: the next run retries it (and now succeeds).
     monkeypatch.setattr(pipeline, "slim", real)
     again = sweep([model], calib, OPTIONS, tmp_path, executor=LocalExecutor(1))
