@@ -113,3 +113,20 @@ def test_same_inputs_give_byte_identical_models() -> None:
                  lambda: onnxprune.slim(model, 0.5, calibration=data).model,
                  lambda: quantize(model, data).model):
         assert make().SerializeToString() == make().SerializeToString()
+
+
+@pytest.mark.parametrize("name", ["retinaface-mnet025", "scrfd"])
+def test_skeleton_shapes_and_reported_macs_match_the_full_model(name: str) -> None:
+    """Shapes that only a run can give (RetinaFace's FPN resizes to runtime sizes) must not go missing
+    when inference reads a weightless skeleton: the MACs in the report depend on them."""
+    from onnxprune.graph.metrics import count_macs
+    from onnxprune.graph.shapes import infer_concrete_shapes
+    from onnxprune.graph.skeleton import skeleton
+    model = _load(name)
+    shapes_in = {"input": (1, 3, 320, 320)}
+    full = infer_concrete_shapes(model, shapes_in)
+    assert infer_concrete_shapes(skeleton(model), shapes_in) == full
+    result = onnxprune.slim(model, 0.5, input_shapes=shapes_in)
+    report, pruned = result.report, result.model
+    assert report.macs_before == count_macs(model, full)
+    assert report.macs_after == count_macs(pruned, infer_concrete_shapes(pruned, shapes_in)) < report.macs_before

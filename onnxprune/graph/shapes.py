@@ -110,10 +110,9 @@ def infer_concrete_shapes(model: onnx.ModelProto | ir.Model, input_shapes: Mappi
     missing = [o for n in fixed.graph.node for o in n.output if o and o not in shapes]
     if missing:
         full = ir.to_proto(model) if isinstance(model, ir.Model) else model
-        if any(is_elided(t) for t in full.graph.initializer):
-            return shapes  # a skeleton given: no weights to run with
         runnable = onnx.ModelProto()
         runnable.CopyFrom(full)
+        _zero_elided(runnable)  # a skeleton: shapes do not depend on weight values
         del runnable.graph.value_info[:]
         for inp in runnable.graph.input:
             if inp.name in input_shapes:
@@ -122,6 +121,25 @@ def infer_concrete_shapes(model: onnx.ModelProto | ir.Model, input_shapes: Mappi
                     inp.type.tensor_type.shape.dim.add().dim_value = d
         shapes.update(_shapes_by_running(runnable, missing, elem_types, input_shapes))
     return shapes
+
+
+def _zero_elided(model: onnx.ModelProto) -> None:
+    """Replace a skeleton's elided weights by ConstantOfShape zeros (ORT allocates them only while probing)."""
+    elided = [t for t in model.graph.initializer if is_elided(t)]
+    if not elided:
+        return
+    keep = [t for t in model.graph.initializer if not is_elided(t)]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    makers = []
+    for t in elided:
+        dims = onnx.numpy_helper.from_array(np.asarray(t.dims, np.int64), f"{t.name}__dims")
+        model.graph.initializer.append(dims)
+        zero = onnx.helper.make_tensor("value", t.data_type, [1], [0])
+        makers.append(onnx.helper.make_node("ConstantOfShape", [dims.name], [t.name], value=zero))
+    rest = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(makers + rest)
 
 
 def _shapes_by_running(model: onnx.ModelProto, names: list[str], elem_types: Mapping[str, int],
