@@ -62,6 +62,19 @@ class Tally:
             onnx.save(proto, str(self.save / f"{key.replace(':', '_')}_{self.counts[kind]}.onnx"))
 
 
+def _valid(model: onnx.ModelProto, original: onnx.ModelProto, stage: str, tally: Tally) -> bool:
+    """Passes the full checker and keeps the original's interface (else counted as a failure)."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        tally.fail("checker", stage, original, str(exc))
+        return False
+    if interface(model) != interface(original):
+        tally.fail("interface", stage, original, "interface changed")
+        return False
+    return True
+
+
 def _oracle(proto: onnx.ModelProto, feeds: dict, rng: np.random.Generator, p: float, keep_bias: bool,
             tally: Tally) -> None:
     """Remove random prunable units: valid, same interface, runs, equals the mask."""
@@ -71,12 +84,8 @@ def _oracle(proto: onnx.ModelProto, feeds: dict, rng: np.random.Generator, p: fl
     model, analysis = analysed(proto, feeds, keep_bias=keep_bias)
     removed = random_selection(analysis, rng, p)
     pruned = restore_interface(ir.to_proto(remove_channels(model, analysis, removed)[0]), proto)
-    try:
-        onnx.checker.check_model(pruned, full_check=True)
-    except Exception as exc:
-        return tally.fail("checker", "oracle", proto, str(exc))
-    if interface(pruned) != interface(proto):
-        return tally.fail("interface", "oracle", proto, "interface changed")
+    if not _valid(pruned, proto, "oracle", tally):
+        return
     try:
         got = run(pruned, feeds)
     except Exception as exc:
@@ -99,12 +108,8 @@ def _pipeline(proto: onnx.ModelProto, ratio: float, tally: Tally) -> None:
         tally.outcomes[f"refused: {str(exc)[:60]}"] += 1
         return
     out = result.model
-    try:
-        onnx.checker.check_model(out, full_check=True)
-    except Exception as exc:
-        return tally.fail("checker", "pipeline", proto, str(exc))
-    if interface(out) != interface(proto):
-        return tally.fail("interface", "pipeline", proto, "interface changed")
+    if not _valid(out, proto, "pipeline", tally):
+        return
     feeds = example_input(proto, seed=1)
     feeds = {k: np.concatenate([v, v[:1]]) for k, v in feeds.items()}  # batch 3, not the analysis batch
     try:
