@@ -89,9 +89,8 @@ def main() -> int:
                     res = onnxprune.slim(model, r, calibration=data, criterion=criterion, allocation=allocation,
                                          recover=refit, holdout=holdout, finetune_steps=steps)
                     cells.append(f"{_quality(res.report):7.3f} {time.perf_counter() - t0:4.0f}s")
-                except onnxprune.OnnxPruneError as exc:  # e.g. PyTorch missing for snip/taylor/distillation
+                except onnxprune.OnnxPruneError:  # e.g. PyTorch missing for snip/taylor/distillation
                     cells.append("n/a")
-                    note = str(exc)
             print(f"{criterion:12s} {allocation:12s} {'yes' if refit else 'no':5s} {steps or '-':>6} "
                   + " ".join(f"{c:>13s}" for c in cells), flush=True)
     return 0

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import time
 from pathlib import Path
@@ -86,7 +87,6 @@ def sweep_estimate(nodes: int, cpus: int) -> None:
     for name, model, data, preset in models:
         calib = load_calibration(data, model, preset=preset, count=32)
         blob = model.SerializeToString()
-        import hashlib
         h = hashlib.sha256(blob).hexdigest()
         inputs = SweepInputs({h: blob}, {h: calib}, options)
         t0 = time.perf_counter()

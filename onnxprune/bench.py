@@ -26,7 +26,7 @@ from .graph.metrics import ModelCost, model_cost
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .progress import Progress, log_progress
 from .quantization.qdq import is_int8_kernel
-from .report import SCHEMA_VERSION, _big, _shapes
+from .report import SCHEMA_VERSION, _big, shape_text, short_name
 
 # Dense float compute as it appears after ORT's fusions (FusedConv etc. are com.microsoft ops).
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
@@ -75,7 +75,7 @@ class BenchReport:
         reads as a latency-per-resolution table."""
         lines: list[str] = []
         configs = list(dict.fromkeys((r.provider, r.threads) for r in self.rows))
-        names = {r.model: _short(r.model) for r in self.rows}
+        names = {r.model: short_name(r.model) for r in self.rows}
         width = max([5] + [len(n) for n in names.values()])
         for provider, threads in configs:
             lines += [""] if lines else []
@@ -155,7 +155,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                         sessions.append(sess)
                         if opt_path is not None:
                             node_counts[(i, provider)] = _count_nodes(opt_path)
-                    what = f"timing {provider}, {n_threads} thread{'s' * (int(n_threads) != 1)}, {_shape_text(shapes)}"
+                    what = f"timing {provider}, {n_threads} thread{'s' * (int(n_threads) != 1)}, {shape_text(shapes)}"
                     times = _interleaved(sessions, feeds, runs, warmup, rng, progress, what)
                     batch = next(iter(shapes.values()))[0] if shapes and next(iter(shapes.values())) else 1
                     for i in range(len(protos)):
@@ -170,8 +170,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                             throughput=float(batch * 1000.0 / np.median(t)),
                             netscore=netscore(accuracy[i], cost.params, cost.macs) if i in accuracy else None)
                         if len(protos) > 1:
-                            ratio = t / times[:, 0]
-                            q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
+                            q25, q50, q75 = ratio_quartiles(t, times[:, 0])
                             row.ratio_median, row.ratio_iqr = float(q50), float(q75 - q25)
                             row.speedup = float(np.median(times[:, 0] / t))
                         rows.append(row)
@@ -191,6 +190,12 @@ def netscore(accuracy: float, params: int, macs: int, alpha: float = 2.0, beta: 
     if accuracy <= 0 or p <= 0 or m <= 0:
         return None
     return 20.0 * (alpha * math.log10(accuracy) - beta * math.log10(p) - gamma * math.log10(m))
+
+
+def ratio_quartiles(num: np.ndarray, den: np.ndarray) -> tuple[float, float, float]:
+    """Quartiles of the per-round ratio num/den of interleaved timings: pairing rounds cancels drift."""
+    q25, q50, q75 = np.percentile(np.asarray(num) / np.asarray(den), [25, 50, 75])
+    return float(q25), float(q50), float(q75)
 
 
 def interleaved_times(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int,
@@ -302,14 +307,6 @@ def _rss_peak() -> int:
     except (OSError, ValueError):
         pass
     return _rss()
-
-
-def _shape_text(shapes: Mapping[str, Shape]) -> str:
-    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
-
-
-def _short(label: str) -> str:
-    return Path(label).name if os.sep in label else label
 
 
 def _bytes(n: int) -> str:

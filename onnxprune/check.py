@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .bench import _line, interleaved_times
+from .bench import _line, interleaved_times, ratio_quartiles
 from .calibration.data import CalibrationSet
 from .calibration.split import CalibrationSplit
 from .errors import ConfigError, ModelLoadError
@@ -25,7 +25,7 @@ from .fidelity import TASKS, FidelityReport
 from .graph.io import ModelLike, load_proto
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .progress import Progress
-from .report import SCHEMA_VERSION
+from .report import SCHEMA_VERSION, shape_text
 from .graph.runtime import session
 from .verify import interface
 
@@ -217,11 +217,10 @@ def _fidelity(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Infere
               calibration: CalibrationSet, task: str) -> tuple[float | None, str, FidelityReport | None]:
     """(metric, what it is, full report) on every calibration sample; metric None if the candidate broke."""
     shapes = {i.name: tuple(d if isinstance(d, int) else 1 for d in i.shape) for i in ref_sess.get_inputs()}
-    split = CalibrationSplit.split(calibration, 1.0, shapes)
-    split = CalibrationSplit(split.input_name, fit=split.fit[:0], held=calibration.samples(), source=calibration)
+    split = CalibrationSplit.split(calibration, 1.0, shapes)  # every sample is measured
     wanted = "outputs" if task == "auto" else task
     try:
-        ref_sess.run(None, {split.input_name: split.held[:1]})
+        ref_sess.run(None, {split.input_name: calibration.samples()[:1]})
     except Exception as exc:
         raise ConfigError(f"calibration data does not fit the original model: {_line(exc)}") from None
     try:
@@ -254,13 +253,12 @@ def _speed(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Inference
     try:
         ref_sess.run(None, feeds)
     except Exception as exc:
-        raise ConfigError(f"the original model cannot run at {_shape_text(shapes)}: {_line(exc)}") from None
+        raise ConfigError(f"the original model cannot run at {shape_text(shapes)}: {_line(exc)}") from None
     try:
         times = interleaved_times([session(orig, 1), session(cand, 1)], feeds, runs, warmup, seed, progress)
     except Exception as exc:  # the original just ran on these feeds, so the candidate is at fault
         return Criterion("speedup", False, None, min_speedup, f"the candidate failed to run: {_line(exc)}"), None
-    ratio = times[:, 0] / times[:, 1]
-    q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
+    q25, q50, q75 = ratio_quartiles(times[:, 0], times[:, 1])
     med = np.median(times, axis=0)
     latency = {"provider": "CPUExecutionProvider", "threads": 1, "runs": runs,
                "input_shapes": {k: list(v) for k, v in shapes.items()},
@@ -268,7 +266,7 @@ def _speed(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Inference
                "speedup_iqr": [float(q25), float(q75)]}
     return Criterion("speedup", bool(q50 >= min_speedup), float(q50), min_speedup,
                      f"original/candidate latency, median of {runs} interleaved rounds (IQR {q25:.3f}..{q75:.3f}); "
-                     f"{med[0]:.3f} -> {med[1]:.3f} ms at {_shape_text(shapes)}, 1 thread"), latency
+                     f"{med[0]:.3f} -> {med[1]:.3f} ms at {shape_text(shapes)}, 1 thread"), latency
 
 
 def _need(value: float | None, task: str) -> float:
@@ -300,10 +298,6 @@ def _check_options(task: str, min_fidelity: float | None, max_drop: float | None
 
 def _name(model: ModelLike, default: str) -> str:
     return str(model) if isinstance(model, (str, os.PathLike)) else default
-
-
-def _shape_text(shapes: dict[str, Shape]) -> str:
-    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
 def _md(text: str) -> str:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import ConfigError, OnnxPruneError
-from .executors import EXECUTORS
+from .executors import EXECUTORS, make_executor
 from .calibration import PRESETS, Preprocess, load_calibration, load_identities, parse_floats, parse_size
 from .fidelity import TASKS
 from .graph.io import check_writable, load_proto, write_text_atomic
@@ -262,11 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sweep(args: argparse.Namespace, progress: ConsoleProgress):
-    from .executors import make_executor
     from .sweep import SweepOptions, sweep
-    for out in (args.json,):
-        if out:
-            check_writable(out)
+    if args.json:
+        check_writable(args.json)
     models = [_model_arg(m) for m in args.models]
     if args.calib is None:
         raise ConfigError("sweep needs calibration data (--calib) to measure fidelity")
@@ -338,7 +336,6 @@ def _check(args: argparse.Namespace, progress: ConsoleProgress):
         if out:
             check_writable(out)
     original, candidate = _model_arg(args.original), _model_arg(args.candidate)
-    args.model = original
     calibration = _calibration(args, original, progress)
     progress("checking")
     report = check(original, candidate, calibration=calibration, task=args.task, min_fidelity=args.min_fidelity,
@@ -372,7 +369,6 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
                           exclude=args.exclude, holdout=args.holdout, task=args.task,
                           equalize_ranges=not args.no_equalize, max_drop=args.max_drop, progress=progress)
     else:
-        from .executors import make_executor
         with make_executor(args.executor, workers=args.workers, address=args.ray_address) as executor:
             result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
                           input_shapes=_shapes(args.input_shape), min_keep=args.min_keep,

@@ -81,17 +81,12 @@ class TaskExecutor(ABC):
     def map(self, fn: Job, items: Sequence[T], shared: Any = None, *,
             progress: Progress | None = None) -> list[Outcome]:
         """``[fn(shared, item) for item in items]`` as Outcomes, in the order of ``items``."""
-        out: list[Outcome] = []
-        for o in self.imap(fn, items, shared):
-            out.append(o)
-            if progress:
-                progress(len(out), len(items))
-        return sorted(out, key=lambda o: o.index)
+        return _collect(self.imap(fn, items, shared), len(items), progress)
 
     def timing(self, fn: Job, items: Sequence[T], shared: Any = None, *,
                progress: Progress | None = None) -> list[Outcome]:
         """Like :meth:`map`, but one job at a time, alone on this machine (the default: in this process)."""
-        return _serial(fn, items, shared, progress)
+        return _collect(_iserial(fn, items, shared), len(items), progress)
 
     def close(self) -> None:
         """Release workers; the executor must not be used afterwards."""
@@ -103,16 +98,19 @@ class TaskExecutor(ABC):
         self.close()
 
 
-def _serial(fn: Job, items: Sequence[T], shared: Any, progress: Progress | None = None) -> list[Outcome]:
-    return [o for o in _iserial(fn, items, shared, progress)]
-
-
-def _iserial(fn: Job, items: Sequence[T], shared: Any, progress: Progress | None = None) -> Iterator[Outcome]:
-    for i, item in enumerate(items):
-        value, error = _call(fn, shared, item)
-        yield Outcome(i, value, error)
+def _collect(outcomes: Iterator[Outcome], total: int, progress: Progress | None) -> list[Outcome]:
+    """Outcomes in item order, reporting progress as each one arrives."""
+    out: list[Outcome] = []
+    for o in outcomes:
+        out.append(o)
         if progress:
-            progress(i + 1, len(items))
+            progress(len(out), total)
+    return sorted(out, key=lambda o: o.index)
+
+
+def _iserial(fn: Job, items: Sequence[T], shared: Any) -> Iterator[Outcome]:
+    for i, item in enumerate(items):
+        yield Outcome(i, *_call(fn, shared, item))
 
 
 # ------------------------------------------------------------------------------------------ local process pool
@@ -167,7 +165,7 @@ class LocalExecutor(TaskExecutor):
         # A crashed worker takes every job running beside it down: re-run those alone, so only the
         # job that kills its worker is reported failed.
         for i in died:
-            for attempt in range(self.retries + 1):
+            for _ in range(self.retries + 1):
                 (_, value, error), = self._pool(fn, [(i, items[i])], blob, 1)
                 if error != _DIED:
                     break
@@ -205,8 +203,8 @@ def _context() -> multiprocessing.context.BaseContext:
 class RayExecutor(TaskExecutor):
     """Ray 2.x (``pip install 'onnxprune[ray]'``): a local instance, or a cluster at ``address``.
 
-    ``shared`` goes to the object store once per :meth:`map` (``ray.put``); Ray hands each task the
-    stored value (zero-copy for numpy arrays). ``retries`` is Ray's ``max_retries``: how often a
+    ``shared`` goes to the object store once (``ray.put``) and is reused by later calls on the same
+    object; Ray hands each task the stored value (zero-copy for numpy arrays). ``retries`` is Ray's ``max_retries``: how often a
     task is re-run when its worker dies; a job that raises is not retried (it would raise again).
     Timing jobs run one at a time on the driver's node, each reserving every CPU of that node, so
     no other Ray task shares the machine while a latency is measured.
@@ -247,12 +245,7 @@ class RayExecutor(TaskExecutor):
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for r in ready:
-                i = pending.pop(r)
-                try:
-                    value, error = ray.get(r)
-                except Exception as exc:  # the worker died more often than `retries`, or the task was cancelled
-                    value, error = None, f"task failed: {_describe(exc)}"
-                yield Outcome(i, value, error)
+                yield self._outcome(pending.pop(r), r)
 
     def timing(self, fn: Job, items: Sequence[T], shared: Any = None, *,
                progress: Progress | None = None) -> list[Outcome]:
@@ -263,16 +256,15 @@ class RayExecutor(TaskExecutor):
         alone = ray.remote(num_cpus=cpus, max_retries=self.retries,
                            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))(_call)
         ref = self._put(shared)
-        out = []
-        for i, item in enumerate(items):  # strictly one after another
-            try:
-                value, error = ray.get(alone.remote(fn, ref, item))
-            except Exception as exc:
-                value, error = None, f"task failed: {_describe(exc)}"
-            out.append(Outcome(i, value, error))
-            if progress:
-                progress(i + 1, len(items))
-        return out
+        # Strictly one after another: the next task is submitted only when the previous one is done.
+        one_by_one = (self._outcome(i, alone.remote(fn, ref, item)) for i, item in enumerate(items))
+        return _collect(one_by_one, len(items), progress)
+
+    def _outcome(self, index: int, ref: Any) -> Outcome:
+        try:
+            return Outcome(index, *self._ray.get(ref))
+        except Exception as exc:  # the worker died more often than `retries`, or the task was cancelled
+            return Outcome(index, None, f"task failed: {_describe(exc)}")
 
     def _put(self, shared: Any) -> Any:
         """One object-store copy per shared object, reused by later map/timing calls on it."""

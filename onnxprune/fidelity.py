@@ -286,6 +286,17 @@ class FidelityReport:
         """Plain dict (JSON-ready apart from inf SQNR, which json writes as Infinity)."""
         return asdict(self)
 
+    def headline(self) -> tuple[str, float]:
+        """(name, value) of the one number to rank by: the task metric when there is one, else the mean
+        output cosine."""
+        if self.detection_ap is not None:
+            return "detection AP@0.5", self.detection_ap
+        if self.embedding is not None:
+            return "embedding cosine", self.embedding["mean_cosine"]
+        if self.top1_agreement is not None:
+            return "top-1 agreement", self.top1_agreement
+        return "mean output cosine", float(np.mean([o.cosine for o in self.outputs])) if self.outputs else 1.0
+
     def summary(self) -> str:
         """A few human lines; worst output first because that is the one to look at."""
         lines = [f"fidelity on {self.n_inputs} inputs"]

@@ -94,7 +94,7 @@ class _Teacher:
 class _Loss:
     """The distillation loss for one task, fixed from the teacher's outputs on the data."""
 
-    def __init__(self, task: str, names: Sequence[str], teacher: Sequence[np.ndarray]) -> None:
+    def __init__(self, task: str, teacher: Sequence[np.ndarray]) -> None:
         self.task = task
         self.scale = [float(np.var(t)) or 1.0 for t in teacher]
         self.softmaxed = [t.ndim >= 2 and t.shape[-1] > 1 and conf_is_softmaxed(t.reshape(-1, t.shape[-1]))
@@ -159,7 +159,7 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
     np_targets = [t.numpy() for t in targets]
     if task == "auto":
         task = guess_task(names, np_targets)
-    loss_fn = _Loss(task, names, np_targets)
+    loss_fn = _Loss(task, np_targets)
 
     def full_loss() -> float:
         with torch.no_grad():

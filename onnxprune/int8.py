@@ -8,7 +8,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -109,24 +108,15 @@ def _matching(model: onnx.ModelProto, patterns: Sequence[str]) -> tuple[list[str
 
 def fidelity_value(report) -> float:
     """The task metric when there is one, else the mean cosine of the outputs."""
-    if report.detection_ap is not None:
-        return report.detection_ap
-    if report.embedding is not None:
-        return report.embedding["mean_cosine"]
-    if report.top1_agreement is not None:
-        return report.top1_agreement
-    return float(np.mean([o.cosine for o in report.outputs])) if report.outputs else 1.0
+    return report.headline()[1]
 
 
-def most_harmful_layer(float_model: onnx.ModelProto, quantized: onnx.ModelProto, input_name: str,
-                       batches: Sequence[np.ndarray], skip: Sequence[str] = (),
-                       rows: Sequence[LayerError] | None = None) -> str | None:
-    """The quantized Conv/Gemm/MatMul whose output error grows most over its inputs' error (float vs QDQ run).
+def most_harmful_layer(float_model: onnx.ModelProto, rows: Sequence[LayerError],
+                       skip: Sequence[str] = ()) -> str | None:
+    """The quantized Conv/Gemm/MatMul whose output error grows most over its inputs' error.
 
-    ``rows``: the per-layer table of ``quantized`` (:func:`layer_errors`) when already measured.
+    ``rows``: the per-layer table of the quantized model (:func:`layer_errors`).
     """
-    if rows is None:
-        rows = layer_errors(float_model, quantized, input_name, batches)
     names = {n.name for n in float_model.graph.node if n.name} - set(skip)
     candidates = [r for r in rows if r.op_type.split("+")[0] in WEIGHTED_OPS and r.node in names]
     return max(candidates, key=lambda r: r.added).node if candidates else None
@@ -189,27 +179,25 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         ranges, train_notes = train_ranges(pre, split.input_name, split.batches, init=init, qdq=first,
                                            progress=say)
         notes += train_notes
+    def attempt(ranges, exclude_nodes: list[str]):
+        """Quantize, measure each layer (on ``pre``'s names, so before restoring the interface), evaluate."""
+        q, rec = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
+                              per_channel=per_channel, exclude_nodes=exclude_nodes, progress=say)
+        say("per-layer quantization error")
+        table = layer_errors(pre, q, split.input_name, split.batches)
+        q = restore_interface(q, original)
+        return q, rec, table, split.evaluate(original, q, task)
+
     say(f"quantizing ({thresholds})")
-    quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
-                                     per_channel=per_channel, exclude_nodes=excluded, progress=say)
-    say("per-layer quantization error")
-    rows = layer_errors(pre, quantized, split.input_name, split.batches)  # before restore_interface: pre's names
-    quantized = restore_interface(quantized, original)
-    fidelity = split.evaluate(original, quantized, task)
+    quantized, record, rows, fidelity = attempt(ranges, excluded)
     kept_float: list[str] = []
     while max_drop is not None and 1 - fidelity_value(fidelity) > max_drop and len(kept_float) < max_float_layers:
-        worst = most_harmful_layer(pre, quantized, split.input_name, split.batches, skip=excluded + kept_float,
-                                   rows=rows)
+        worst = most_harmful_layer(pre, rows, skip=excluded + kept_float)
         if worst is None:
             break
         kept_float.append(worst)
         say(f"keeping {worst} in float ({len(kept_float)})")
-        quantized, record = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds,
-                                         ranges=record.ranges or None, per_channel=per_channel,
-                                         exclude_nodes=excluded + kept_float, progress=say)
-        rows = layer_errors(pre, quantized, split.input_name, split.batches)
-        quantized = restore_interface(quantized, original)
-        fidelity = split.evaluate(original, quantized, task)
+        quantized, record, rows, fidelity = attempt(record.ranges or None, excluded + kept_float)
     if max_drop is not None:
         drop = 1 - fidelity_value(fidelity)
         notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept_float)} layer(s) kept in float"

@@ -16,10 +16,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .graph.io import _atomic_write
+from .html_report import PALETTE
+from .report import short_name
 
 MISSING_NOTE = ("matplotlib is not installed: wrote report.html (inline charts) without PNG charts; "
                 "pip install 'onnxprune[report]' for them")
-COLORS = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
 _PNG_META = {"Software": None}  # no library version in the file: same data, same bytes
 
 
@@ -55,7 +56,7 @@ def channel_bars(layers: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
     ax = fig.add_subplot()
     y = np.arange(len(rows))
     ax.barh(y, [l["before"] for l in rows], color="#c6dbef", label="before")
-    ax.barh(y, [l["after"] for l in rows], color=COLORS[0], label="after")
+    ax.barh(y, [l["after"] for l in rows], color=PALETTE[0], label="after")
     ax.set_yticks(y, [str(l["node"])[-40:] for l in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("output channels")
@@ -76,7 +77,7 @@ def sensitivity_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
     for i, r in enumerate(rows):
         label = ", ".join(r["layers"][:2])[:40] if i < 8 else None
         ax.plot(r["fractions"], r["distortion"], marker="o" if i < 8 else None, ms=3,
-                lw=1.5 if i < 8 else 0.7, color=COLORS[i % len(COLORS)] if i < 8 else "#999999", label=label)
+                lw=1.5 if i < 8 else 0.7, color=PALETTE[i % len(PALETTE)] if i < 8 else "#999999", label=label)
     ax.set_xlabel("share of the group's channels removed")
     ax.set_ylabel("output distortion (relative squared error)")
     ax.set_title("Sensitivity scan per layer group")
@@ -105,7 +106,7 @@ def latency_bars(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
         p90 = [by[(c, m)]["p90_ms"] if (c, m) in by else np.nan for c in configs]
         err = [np.zeros(len(med)), np.maximum(np.asarray(p90) - np.asarray(med), 0)]
         ax.bar(x + (j - (len(models) - 1) / 2) * width, med, width, yerr=err, capsize=2,
-               color=COLORS[j % len(COLORS)], label=_short(m))
+               color=PALETTE[j % len(PALETTE)], label=short_name(m))
     ax.set_xticks(x, configs, fontsize=8)
     ax.set_ylabel("latency, ms (median; whisker: p90)")
     ax.set_title("Latency per provider / threads / input")
@@ -123,7 +124,7 @@ def fidelity_vs_ratio(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
     series = list(dict.fromkeys(str(r["series"]) for r in rows))
     for i, s in enumerate(series):
         pts = sorted((float(r["ratio"]), float(r["fidelity"])) for r in rows if str(r["series"]) == s)
-        ax.plot(*zip(*pts), marker="o", color=COLORS[i % len(COLORS)], label=s)
+        ax.plot(*zip(*pts), marker="o", color=PALETTE[i % len(PALETTE)], label=s)
     ax.set_xlabel("share of parameters removed")
     ax.set_ylabel("fidelity vs the original")
     ax.set_title("Fidelity vs pruning ratio")
@@ -148,7 +149,7 @@ def fidelity_latency_frontier(rows: Sequence[Mapping[str, Any]], path: str | os.
     ax.scatter([r["latency_ratio"] for r in other], [r["fidelity"] for r in other], color="#999999", s=25,
                label="dominated")
     if front:
-        ax.plot([r["latency_ratio"] for r in front], [r["fidelity"] for r in front], "-o", color=COLORS[3], ms=6,
+        ax.plot([r["latency_ratio"] for r in front], [r["fidelity"] for r in front], "-o", color=PALETTE[3], ms=6,
                 label="Pareto frontier")
     for r in pts:
         ax.annotate(str(r.get("label", ""))[:32], (r["latency_ratio"], r["fidelity"]), fontsize=7,
@@ -230,20 +231,20 @@ def check_latency_rows(check: Mapping[str, Any]) -> list[dict]:
 
 
 def _role(role: str, name: str) -> str:
-    return role if name == role else f"{role}: {_short(name)}"
+    return role if name == role else f"{role}: {short_name(name)}"
 
 
 def _sweep_charts(sweep: Mapping[str, Any], d: Path) -> list[Path]:
     rows = [r for r in sweep.get("rows", []) if r.get("status", "ok") == "ok" and r.get("fidelity") is not None]
     if not rows:
         return []
-    series = [{"series": f"{_short(r['model'])} {r.get('criterion') or ''}{' int8' if r.get('int8') else ''}",
+    series = [{"series": f"{short_name(r['model'])} {r.get('criterion') or ''}{' int8' if r.get('int8') else ''}",
                "ratio": r.get("achieved_ratio", r["ratio"]) or r["ratio"], "fidelity": r["fidelity"]} for r in rows]
     out = [fidelity_vs_ratio(series, d / "fidelity_vs_ratio.png")]
     several = len({r["model"] for r in rows}) > 1
 
     def label(r: Mapping[str, Any]) -> str:  # short enough to read beside a point: what differs
-        return (f"{_short(r['model'])} " if several else "") + f"r={r['ratio']:g} {r.get('criterion') or ''}" \
+        return (f"{short_name(r['model'])} " if several else "") + f"r={r['ratio']:g} {r.get('criterion') or ''}" \
             + (" int8" if r.get("int8") else "")
     points = [{"label": label(r), "fidelity": r["fidelity"],
                "latency_ratio": r.get("latency_ratio"), "pareto": bool(r.get("pareto"))} for r in rows]
@@ -256,7 +257,3 @@ def _config(row: Mapping[str, Any]) -> str:
     shape = ",".join("x".join(map(str, s)) for s in row["input_shapes"].values())
     provider = str(row["provider"]).replace("ExecutionProvider", "")
     return f"{provider}\n{row['threads']}T {shape}"
-
-
-def _short(label: str) -> str:
-    return Path(label).name if os.sep in label else label

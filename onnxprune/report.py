@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 SCHEMA_VERSION = 1
 
@@ -53,7 +54,7 @@ class AnalysisReport:
         prunable = [g for g in self.groups if g.prunable]
         lines = [
             f"model: {self.model}",
-            f"analysis shape: {_shapes(self.input_shapes)}   params {self.params:,}   MACs {_big(self.macs)}",
+            f"analysis shape: {shape_text(self.input_shapes)}   params {self.params:,}   MACs {_big(self.macs)}",
             f"channel groups: {len(self.groups)} ({len(prunable)} prunable), channels "
             f"{self.prunable_channels:,} of {self.total_channels:,} prunable",
             "",
@@ -112,7 +113,7 @@ class SlimReport:
         changed = [l for l in self.layers if l.after != l.before]
         lines = [
             f"model: {self.model}" + (f" -> {self.output}" if self.output else ""),
-            f"criterion {self.criterion}, round-to {self.round_to}, analysis shape {_shapes(self.input_shapes)}",
+            f"criterion {self.criterion}, round-to {self.round_to}, analysis shape {shape_text(self.input_shapes)}",
             f"params  {self.params_before:>12,} -> {self.params_after:>12,}   removed {self.achieved_ratio:6.1%} "
             f"(target {self.target_ratio:.1%})",
             f"MACs    {_big(self.macs_before):>12} -> {_big(self.macs_after):>12}   x{self.mac_ratio:.3f}",
@@ -193,8 +194,14 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _shapes(shapes: dict[str, list[int]]) -> str:
+def shape_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``input=1x3x640x640, ...``: how every report and message writes input shapes."""
     return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
+
+
+def short_name(label: str) -> str:
+    """A model path shown as its file name (labels that are not paths stay as they are)."""
+    return Path(label).name if os.sep in label else label
 
 
 def _big(n: int) -> str:

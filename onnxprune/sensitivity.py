@@ -109,7 +109,7 @@ def scan(model: ir.Model, analysis: ChannelAnalysis, scores: dict[int, float], i
     finally:
         if own:
             pool.close()
-    results: dict[int, dict[float, float]] = {g.id: {0.0: 0.0} for g in analysis.groups if any(j[0] == g.id for j in jobs)}
+    results: dict[int, dict[float, float]] = {gid: {0.0: 0.0} for gid, _, _ in jobs}
     for (gid, f, _), o in zip(jobs, outcomes):
         if o.ok:
             results[gid][f] = o.value

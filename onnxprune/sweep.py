@@ -33,10 +33,9 @@ from .calibration.split import CalibrationSplit
 from .errors import ConfigError
 from .executors import LocalExecutor, TaskExecutor
 from .fidelity import TASKS
-from .graph.io import load_proto, save_atomic, write_text_atomic
-from .graph.metrics import count_macs, count_params
+from .graph.io import load_proto, write_bytes_atomic, write_text_atomic
 from .graph.runtime import session
-from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
+from .graph.shapes import Shape, representative_shapes
 from .pipeline import DEFAULT_ROUND_TO
 from .progress import Progress, log_progress
 from .report import SCHEMA_VERSION, _finite
@@ -183,7 +182,7 @@ class SweepInputs:
 
 def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
     """slim (+ quantize) one point and measure it; returns the row fields and the model bytes."""
-    from .int8 import fidelity_value, quantize
+    from .int8 import quantize
     from .pipeline import slim
     start = time.perf_counter()
     opts = inputs.options
@@ -198,14 +197,10 @@ def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
                          task=opts.task).model
     split = CalibrationSplit.split(calibration, opts.holdout, representative_shapes(original, shapes))
     fidelity = split.evaluate(original, final, opts.task)
-    value = fidelity_value(fidelity)
-    metric = ("detection AP@0.5" if fidelity.detection_ap is not None else
-              "embedding cosine" if fidelity.embedding is not None else
-              "top-1 agreement" if fidelity.top1_agreement is not None else "mean output cosine")
+    metric, value = fidelity.headline()
     data = final.SerializeToString()
-    pruned = result.model  # params and MACs of the float graph: a QDQ graph's are the same numbers
-    return {"achieved_ratio": result.report.achieved_ratio, "params": count_params(pruned),
-            "macs": count_macs(pruned, infer_concrete_shapes(pruned, representative_shapes(pruned, shapes))),
+    report = result.report  # params and MACs of the float graph: a QDQ graph's are the same numbers
+    return {"achieved_ratio": report.achieved_ratio, "params": report.params_after, "macs": report.macs_after,
             "size_bytes": len(data), "fidelity": float(value), "fidelity_metric": metric,
             "fidelity_detail": _finite(fidelity.to_dict()),
             "compute_seconds": time.perf_counter() - start, "model_bytes": data}
@@ -213,7 +208,7 @@ def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
 
 def time_point(inputs: SweepInputs, item: tuple[str, str]) -> dict[str, float]:
     """Original and compressed (a file path) timed interleaved on one thread, alone on this node."""
-    from .bench import interleaved_times
+    from .bench import interleaved_times, ratio_quartiles
     model_hash, path = item
     opts = inputs.options
     original = onnx.load_from_string(inputs.models[model_hash])
@@ -222,19 +217,17 @@ def time_point(inputs: SweepInputs, item: tuple[str, str]) -> dict[str, float]:
     feeds = {calibration.name: calibration.samples()[:1]}
     times = interleaved_times([session(original, 1), session(candidate, 1)], feeds, opts.runs,
                               max(3, opts.runs // 10), opts.seed)
-    ratio = times[:, 1] / times[:, 0]
-    q25, q50, q75 = np.percentile(ratio, [25, 50, 75])
+    q25, q50, q75 = ratio_quartiles(times[:, 1], times[:, 0])
     med = np.median(times, axis=0)
-    return {"latency_ratio": float(q50), "latency_iqr": float(q75 - q25), "original_ms": float(med[0]),
+    return {"latency_ratio": q50, "latency_iqr": q75 - q25, "original_ms": float(med[0]),
             "compressed_ms": float(med[1])}
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def plan(models: Mapping[str, bytes], options: SweepOptions) -> list[Point]:
-    """Every (model, ratio, criterion, int8) combination, in a stable order."""
-    hashes = {n: hashlib.sha256(b).hexdigest() for n, b in models.items()}
+def plan(hashes: Mapping[str, str], options: SweepOptions) -> list[Point]:
+    """Every (model, ratio, criterion, int8) combination, in a stable order; ``hashes``: name -> model hash."""
     return [Point(name, hashes[name], float(r), c, bool(q))
-            for name, r, c, q in itertools.product(models, options.ratios, options.criteria, options.int8)]
+            for name, r, c, q in itertools.product(hashes, options.ratios, options.criteria, options.int8)]
 
 
 def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[CalibrationSet], options: SweepOptions,
@@ -260,12 +253,12 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
         if name in blobs:
             raise ConfigError(f"two models named {name}; rename one")
         blobs[name] = proto.SerializeToString()
-    points = plan(blobs, options)
     sets = [calibration] * len(models) if isinstance(calibration, CalibrationSet) else list(calibration)
     if len(sets) != len(models):
         raise ConfigError(f"{len(models)} models but {len(sets)} calibration sets")
-    hashes = [hashlib.sha256(b).hexdigest() for b in blobs.values()]
-    inputs = SweepInputs(dict(zip(hashes, blobs.values())), dict(zip(hashes, sets)), options)
+    hashes = {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()}
+    points = plan(hashes, options)
+    inputs = SweepInputs({hashes[n]: b for n, b in blobs.items()}, dict(zip(hashes.values(), sets)), options)
     calib_hash = {h: _calibration_hash(c) for h, c in inputs.calibration.items()}
     keys = [p.key(options, calib_hash[p.model_hash]) for p in points]
     rows = [SweepRow(p.model, p.ratio, p.criterion or "default", p.int8, k) for p, k in zip(points, keys)]
@@ -366,10 +359,9 @@ def _store_compute(folder: Path, value: Mapping[str, Any], point: Point) -> None
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "point.json").unlink(missing_ok=True)  # a stale timing must not outlive a recomputed model
     data = value["model_bytes"]
-    save_atomic(onnx.load_from_string(data), folder / "model.onnx")
+    write_bytes_atomic(data, folder / "model.onnx")
     record = {k: v for k, v in value.items() if k != "model_bytes"}
-    record.update(model_sha256=hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest(),
-                  point=asdict(point))
+    record.update(model_sha256=hashlib.sha256(data).hexdigest(), point=asdict(point))
     write_text_atomic(json.dumps(record, indent=2, sort_keys=True), folder / "compute.json")
 
 

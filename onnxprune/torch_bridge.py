@@ -714,7 +714,7 @@ def _tile(c: _Ctx, n: _Node, x, repeats):
 
 
 _REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin,
-           "ReduceProd": None, "ReduceL2": None}
+           "ReduceL2": None}
 
 
 @_op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2")
@@ -747,9 +747,7 @@ def _pad(c: _Ctx, n: _Node, x, pads=None, value=None, axes=None):
             full[a], full[a + rank] = pads[i], pads[i + len(ax)]
         pads = full
     mode = n.attrs.get("mode", "constant")
-    tp: list[int] = []
-    for i in reversed(range(rank)):
-        tp += [pads[i], pads[i + rank]]
+    tp = _torch_pad(pads)
     if mode == "constant":
         return F.pad(x, tp, value=value)
     while tp and tp[-1] == 0 and tp[-2] == 0:  # reflect/replicate pad trailing dims only

@@ -65,7 +65,7 @@ def _const(node: ir.Node, i: int) -> bool:
 
 def equalize(model: ir.Model, rounds: int = 4) -> tuple[ir.Model, EqualizeRecord]:
     """Return a copy of ``model`` with channel ranges equalised across every eligible pair."""
-    model = ir.from_proto(ir.to_proto(model))
+    model = model.clone()  # tensors shared: this pass replaces them, never edits them
     record = EqualizeRecord()
     pairs = _pairs(model)
     record.pairs = [(a.name or "", b.name or "") for a, b in pairs]

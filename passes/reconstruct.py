@@ -54,7 +54,7 @@ def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis,
                 input_name: str, batches: Iterable[np.ndarray], *, ridge: float = 1e-3, rows_per_image: int = 256,
                 seed: int = 0, min_rows_per_unknown: float = 4.0) -> tuple[ir.Model, ReconstructRecord]:
     """Return a copy of ``pruned`` whose consumers of removed channels are refitted."""
-    pruned = ir.from_proto(ir.to_proto(pruned))
+    pruned = pruned.clone()  # tensors shared: refits replace them, never edit them
     record = ReconstructRecord()
     targets = _targets(original, pruned, analysis, removed, record)
     if not targets:

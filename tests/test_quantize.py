@@ -172,8 +172,8 @@ def test_layer_errors_match_ort_debugging_and_find_a_broken_layer() -> None:
     assert abs(by_tensor[relu2.output[0]].sqnr_db - ort_sqnr(want[relu2.output[0]], got[relu2.output[0]])) < 0.05
     assert worst_layers(rows, 1)[0].node == conv2.name
     assert by_tensor[relu2.output[0]].sqnr_db < 15 < min(r.sqnr_db for r in rows if r.node != conv2.name)
-    assert most_harmful_layer(pre, q, "x", [x], rows=rows) == conv2.name
-    assert most_harmful_layer(pre, q, "x", [x], skip=[conv2.name], rows=rows) != conv2.name
+    assert most_harmful_layer(pre, rows) == conv2.name
+    assert most_harmful_layer(pre, rows, skip=[conv2.name]) != conv2.name
 
 
 def test_layers_slow_in_int8_stay_float() -> None:

@@ -81,7 +81,7 @@ def test_slim_report_charts(slimmed, tmp_path: Path) -> None:
         assert rgb.shape[0] > 200 and rgb.shape[1] > 400 and not _blank(rgb)
     # the "after" bars are drawn in the first palette colour, the "before" bars in light blue
     channels = _picture(tmp_path / "channels.png")
-    assert _has_colour(channels, plots.COLORS[0]) and _has_colour(channels, "#c6dbef")
+    assert _has_colour(channels, plots.PALETTE[0]) and _has_colour(channels, "#c6dbef")
 
 
 @needs_mpl
@@ -111,7 +111,7 @@ def test_sweep_charts_and_frontier(tmp_path: Path) -> None:
     frontier = plots.fidelity_latency_frontier(
         [{"label": "a", "fidelity": 0.9, "latency_ratio": 0.5, "pareto": True},
          {"label": "b", "fidelity": None, "latency_ratio": 0.4, "pareto": False}], tmp_path / "f.png")
-    assert _has_colour(_picture(frontier), plots.COLORS[3], min_pixels=20)  # the Pareto point
+    assert _has_colour(_picture(frontier), plots.PALETTE[3], min_pixels=20)  # the Pareto point
 
 
 @needs_mpl

@@ -228,11 +228,9 @@ def _atomic_write_external(model: onnx.ModelProto | ir.Model, out: Path, protect
         # onnx-ir writes tensor by tensor (never one whole serialised copy) and leaves the model unchanged.
         model_ir = model if isinstance(model, ir.Model) else ir.from_proto(model)
         ir.save(model_ir, tmp_dir / out.name, external_data=data.name, alignment=65536)
-        umask = os.umask(0)
-        os.umask(umask)
         for f in (tmp_dir / data.name, tmp_dir / out.name):
             if f.exists():
-                os.chmod(f, 0o666 & ~umask)
+                _usual_permissions(f)
         if (tmp_dir / data.name).exists():
             os.replace(tmp_dir / data.name, data)
         os.replace(tmp_dir / out.name, out)
@@ -260,9 +258,7 @@ def _atomic_write(out: Path, write) -> Path:
         raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+        _usual_permissions(tmp)
         os.replace(tmp, out)
     except OSError as exc:
         raise OnnxPruneError(f"cannot write {out}: {exc.strerror or exc}") from None
@@ -270,6 +266,13 @@ def _atomic_write(out: Path, write) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _usual_permissions(path: str | os.PathLike) -> None:
+    """mkstemp/mkdtemp files are 0600; outputs get what a plain open() would give (0666 minus umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def check_writable(path: str | os.PathLike) -> None:
@@ -284,6 +287,11 @@ def check_writable(path: str | os.PathLike) -> None:
         raise OnnxPruneError(f"output directory is not writable: {directory}")
     if out.is_dir():
         raise OnnxPruneError(f"output path is a directory: {out}")
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes already serialised (a model from a worker) atomically, with the same one-line errors."""
+    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def write_text_atomic(text: str, path: str | os.PathLike) -> Path:

@@ -59,14 +59,18 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, opt
 
 
 def fixed_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> bool:
-    """True when the input (the first real one by default) has its batch dim fixed to 1."""
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    inputs = graph_inputs(proto)
-    first = next((i for i in inputs if i.name == input_name), None) if input_name else (inputs[0] if inputs else None)
-    if first is None:
-        return False
-    dims = first.type.tensor_type.shape.dim
-    return bool(dims) and dims[0].HasField("dim_value") and dims[0].dim_value == 1
+    """True when the input (the first real one by default) has its batch dim fixed to 1.
+
+    Reads the graph's inputs only: an ir.Model is not serialised (that would copy every weight).
+    """
+    if isinstance(model, ir.Model):
+        inputs = [(v.name, list(v.shape) if v.shape is not None else []) for v in model.graph.inputs
+                  if v.const_value is None]
+    else:
+        inputs = [(i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim])
+                  for i in graph_inputs(model)]
+    dims = next((d for n, d in inputs if n == input_name), None) if input_name else (inputs[0][1] if inputs else None)
+    return bool(dims) and isinstance(dims[0], int) and dims[0] == 1
 
 
 def pieces(model: onnx.ModelProto | ir.Model, batches: Iterable[np.ndarray], input_name: str | None = None

@@ -76,15 +76,19 @@ def representative_shapes(model: onnx.ModelProto, overrides: Mapping[str, Shape]
 
 def _fix_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
     """A skeleton of ``model`` (large weights elided) with concrete input dims and no stale value_info."""
-    fixed = skeleton(model)
-    del fixed.graph.value_info[:]
-    for inp in fixed.graph.input:
+    return _concrete_inputs(skeleton(model), shapes)
+
+
+def _concrete_inputs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> onnx.ModelProto:
+    """``model`` (edited in place) with concrete input dims and no stale value_info."""
+    del model.graph.value_info[:]
+    for inp in model.graph.input:
         if inp.name in shapes:
             tt = inp.type.tensor_type
             tt.shape.Clear()
             for d in shapes[inp.name]:
                 tt.shape.dim.add().dim_value = d
-    return fixed
+    return model
 
 
 def infer_concrete_shapes(model: onnx.ModelProto | ir.Model, input_shapes: Mapping[str, Shape]) -> dict[str, Shape]:
@@ -109,16 +113,13 @@ def infer_concrete_shapes(model: onnx.ModelProto | ir.Model, input_shapes: Mappi
         shapes[init.name] = tuple(init.dims)
     missing = [o for n in fixed.graph.node for o in n.output if o and o not in shapes]
     if missing:
-        full = ir.to_proto(model) if isinstance(model, ir.Model) else model
-        runnable = onnx.ModelProto()
-        runnable.CopyFrom(full)
+        if isinstance(model, ir.Model):
+            runnable = ir.to_proto(model)  # already a fresh proto: edit it in place
+        else:
+            runnable = onnx.ModelProto()
+            runnable.CopyFrom(model)
         _zero_elided(runnable)  # a skeleton: shapes do not depend on weight values
-        del runnable.graph.value_info[:]
-        for inp in runnable.graph.input:
-            if inp.name in input_shapes:
-                inp.type.tensor_type.shape.Clear()
-                for d in input_shapes[inp.name]:
-                    inp.type.tensor_type.shape.dim.add().dim_value = d
+        _concrete_inputs(runnable, input_shapes)
         shapes.update(_shapes_by_running(runnable, missing, elem_types, input_shapes))
     return shapes
 

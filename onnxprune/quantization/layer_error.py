@@ -91,10 +91,13 @@ def _folded(node: onnx.NodeProto | None, model: onnx.ModelProto):
         return None
     if node.op_type == "Relu":
         return lambda x: np.maximum(x, 0)
-    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    inits = {i.name: i for i in model.graph.initializer}  # only the two bounds are converted
     attrs = {a.name: a.f for a in node.attribute}
-    lo = inits[node.input[1]] if len(node.input) > 1 and node.input[1] in inits else attrs.get("min", -np.inf)
-    hi = inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else attrs.get("max", np.inf)
+
+    def bound(k: int, attr: str, default: float):
+        name = node.input[k] if len(node.input) > k else ""
+        return onnx.numpy_helper.to_array(inits[name]) if name in inits else attrs.get(attr, default)
+    lo, hi = bound(1, "min", -np.inf), bound(2, "max", np.inf)
     return lambda x: np.clip(x, lo, hi)
 
 

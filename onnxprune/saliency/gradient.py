@@ -97,8 +97,8 @@ def weight_saliency(module: "OnnxModule", input_name: str, batches: Sequence[np.
     capture = dict(capture or {})
 
     gen = torch.Generator().manual_seed(seed)
-    names = [n for n, p in module.named_initializers() if p.dtype.is_floating_point]
-    params = [dict(module.named_initializers())[n] for n in names]
+    floating = [(n, p) for n, p in module.named_initializers() if p.dtype.is_floating_point]
+    names, params = [n for n, _ in floating], [p for _, p in floating]
     acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
     means = _capture_means(module, input_name, batches, capture) if capture else {}
     act_acc: dict[str, torch.Tensor] = {}

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from ..graph.runtime import session
+from ..graph.runtime import fixed_batch, session
 from ..graph.interface import exposing
 from ..errors import ConfigError
 from ..sensitivity import distortion
@@ -52,8 +52,7 @@ def perturbation(ctx: ScoreContext) -> dict[int, float]:
     a = ctx.analysis
     proto = ir.to_proto(ctx.model)
     x = np.concatenate(ctx.batches)[:SAMPLES]
-    fixed_one = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
-    if fixed_one:
+    if fixed_batch(proto, ctx.input_name):
         raise ConfigError("criterion perturbation needs a model with a dynamic batch dimension")
     producers: dict[str, str] = {n.name: n.outputs[0].name for n in ctx.model.graph}
     ref_sess = session(exposing(proto, list({producers[s.node] for s in a.slots if s.role == "out"})))
