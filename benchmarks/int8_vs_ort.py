@@ -4,7 +4,9 @@
 Rows per model: fp32; ORT ``quantize_static`` with MinMax, Percentile and Entropy (its own flow:
 no equalisation, every layer int8); onnxprune ``mse`` with every layer int8, then as by default
 (layers slower in int8 than fp32 kept float, see ``quantization/latency.py``) and
-``trained`` when PyTorch is installed; for RetinaFace also ``slim --ratio 0.69`` + int8. Columns:
+``trained`` when PyTorch is installed; for RetinaFace also ``mse --relu`` (LeakyReLU made ReLU so ORT
+fuses it into the int8 convs) and ``slim --ratio 0.69`` + int8, with and without ``--relu``, and with
+``--finetune-steps 100`` (label-free distillation) when PyTorch is installed. Columns:
 worst-output SQNR and cosine on held-out calibration images, the task metric (detection AP@0.5
 vs fp32, embedding cosine, top-1 agreement), file size, and ONNX Runtime CPU latency (1 thread,
 median of interleaved runs) as a ratio to fp32 measured in the same run.
@@ -15,6 +17,7 @@ median of interleaved runs) as a ratio to fp32 measured in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -56,11 +59,20 @@ def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool)
         variants.append(("onnxprune trained", r.model, r.report.fidelity))
     except ImportError:
         pass
-    if with_slim:
+    if with_slim:  # the detector's LeakyReLUs: also with --relu (ReLU fused into the int8 convs, refitted)
+        r = quantize(model, data, thresholds="mse", relu=True)
+        variants.append(("mse --relu", r.model, r.report.fidelity))
         s = onnxprune.slim(model, 0.69, calibration=data, holdout=0.5)
         variants.append(("slim 0.69 fp32", s.model, s.report.fidelity))
+        # fidelity of the two rows below is recomputed against the original (quantize's is vs the slim model)
         q = quantize(s.model, data, thresholds="mse", holdout=0.5)
-        variants.append(("slim 0.69 + int8", q.model, None))  # fidelity below is vs the slim model: recomputed
+        variants.append(("slim 0.69 + int8", q.model, None))
+        q = quantize(s.model, data, thresholds="mse", holdout=0.5, relu=True)
+        variants.append(("  + --relu", q.model, None))
+        if importlib.util.find_spec("torch"):  # label-free distillation from the original (100 steps)
+            s = onnxprune.slim(model, 0.69, calibration=data, holdout=0.5, finetune_steps=100)
+            q = quantize(s.model, data, thresholds="mse", holdout=0.5, relu=True)
+            variants.append(("  + distilled", q.model, None))
     inp = model.graph.input[0].name
     x = data.samples()[:1]
     sessions = {n: session(m, threads=1) for n, m, _ in variants}

@@ -15,9 +15,10 @@ from . import __version__
 from .errors import ConfigError, OnnxPruneError
 from .executors import EXECUTORS, make_executor
 from .calibration import PRESETS, Preprocess, load_calibration, load_identities, parse_floats, parse_size
+from .calibration.split import CalibrationSplit
 from .fidelity import TASKS
 from .graph.io import check_writable, load_proto, write_text_atomic
-from .graph.shapes import parse_input_shape
+from .graph.shapes import parse_input_shape, representative_shapes
 from .int8 import DEFAULT_THRESHOLDS, quantize
 from .progress import ConsoleProgress, configure_logging
 from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
@@ -88,6 +89,10 @@ def _calibration(args: argparse.Namespace, model: str, progress: ConsoleProgress
                             preprocess=pre, preset=None if pre is not None else args.preset, progress=progress)
 
 
+RELU_HELP = ("make LeakyRelu/PRelu after int8 convs ReLU, which ORT fuses into the conv (faster on CPU; changes the "
+             "function: the next layers are refitted on --calib and the fidelity reported includes it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxprune", description="Compress ONNX face detectors and recognizers: structured channel pruning, int8 quantization, "
@@ -150,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true", help="then quantize to int8 (needs --calib; see `quantize`)")
     p.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS,
                    help=f"with --int8: how activation ranges are chosen (default {DEFAULT_THRESHOLDS})")
+    p.add_argument("--relu", action="store_true", help="with --int8: " + RELU_HELP)
 
     q = sub.add_parser("quantize", parents=[common, calib],
                        help="static int8 quantization (QDQ) with calibrated activation ranges",
@@ -160,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
     q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
+    q.add_argument("--relu", action="store_true", help=RELU_HELP)
     q.add_argument("--max-drop", type=float, metavar="X",
                    help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
 
@@ -364,10 +371,13 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
     calibration = _calibration(args, model, progress)
     if int8 and calibration is None:
         raise ConfigError("int8 quantization needs calibration data (--calib)")
+    if args.relu and not int8:
+        raise ConfigError("--relu only applies with --int8")
     if args.command == "quantize":
         result = quantize(model, calibration, thresholds=args.thresholds, per_channel=not args.per_tensor,
                           exclude=args.exclude, holdout=args.holdout, task=args.task,
-                          equalize_ranges=not args.no_equalize, max_drop=args.max_drop, progress=progress)
+                          equalize_ranges=not args.no_equalize, max_drop=args.max_drop, relu=args.relu,
+                          progress=progress)
     else:
         with make_executor(args.executor, workers=args.workers, address=args.ray_address) as executor:
             result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
@@ -381,8 +391,12 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
             slim_report = result.report
             preview = result.preview
             result = quantize(result.model, calibration, thresholds=args.thresholds, holdout=args.holdout,
-                              task=args.task, progress=progress)
-            result.report = CombinedReport(slim_report, result.report)
+                              task=args.task, relu=args.relu, progress=progress)
+            progress("end-to-end fidelity")
+            original = load_proto(model)
+            split = CalibrationSplit.split(calibration, args.holdout,
+                                           representative_shapes(original, _shapes(args.input_shape)))
+            result.report = CombinedReport(slim_report, result.report, split.evaluate(original, result.model, args.task))
             result.preview = result.preview or preview
     progress("writing")
     result.save(output, protect=[model])

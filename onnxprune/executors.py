@@ -21,8 +21,10 @@ import logging
 import multiprocessing
 import os
 import pickle
+import sys
 import traceback
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -176,7 +178,8 @@ class LocalExecutor(TaskExecutor):
         pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=_context(),
                                    initializer=_install_shared, initargs=(blob,))
         try:
-            futures = {pool.submit(_pool_call, fn, item): i for i, item in jobs}
+            with _caller_not_rerun(fn):  # workers start on submit
+                futures = {pool.submit(_pool_call, fn, item): i for i, item in jobs}
             for fut in as_completed(futures):
                 try:
                     value, error = fut.result()
@@ -188,6 +191,29 @@ class LocalExecutor(TaskExecutor):
 
 
 _DIED = "\0worker died"
+
+
+@contextmanager
+def _caller_not_rerun(fn: Job) -> Iterator[None]:
+    """Start workers without re-importing the caller's ``__main__``.
+
+    forkserver and spawn workers import the main script (to unpickle what it defines): a script
+    that calls ``onnxprune.slim`` without an ``if __name__ == "__main__"`` guard would run again in
+    every worker and fail there. Our jobs live in onnxprune's modules, so the main module is hidden
+    while workers start; a job defined in ``__main__`` keeps the standard behaviour.
+    """
+    main = sys.modules.get("__main__")
+    if main is None or getattr(fn, "__module__", None) == "__main__":
+        yield
+        return
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if k in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _context() -> multiprocessing.context.BaseContext:

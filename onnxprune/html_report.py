@@ -132,10 +132,27 @@ def latency_bars(rows: list[dict], width: int = 760) -> str:
     return "".join(out)
 
 
+def _fidelity(fid: dict | None, title: str) -> str:
+    if not fid or not fid.get("outputs"):
+        return ""
+    out = [f"<h3>{_esc(title)}</h3><table><tr><th>output</th><th>cosine</th><th>SQNR dB</th></tr>"
+           + "".join(f"<tr><td>{_esc(o['name'])}</td><td>{float(o['cosine']):.4f}</td><td>{_esc(o['sqnr_db'])}</td></tr>"
+                     for o in fid["outputs"]) + "</table>"]
+    for key, label in (("detection_ap", "detection AP@0.5 vs original"), ("top1_agreement", "top-1 agreement")):
+        if fid.get(key) is not None:
+            out.append(f"<p>{label}: <b>{fid[key]:.4f}</b></p>")
+    if fid.get("embedding"):
+        out.append(f"<p>embedding cosine: mean <b>{fid['embedding']['mean_cosine']:.4f}</b>, "
+                   f"min {fid['embedding']['min_cosine']:.4f}</p>")
+    return "".join(out)
+
+
 def render(report: dict, preview: str = "") -> str:
     """HTML for a slim / quantize / slim+int8 / check report dict."""
     kind = report.get("kind", "report")
     parts = [f"<h1>onnxprune {kind}</h1>"]
+    if kind == "slim+int8":
+        parts.append(_fidelity(report.get("fidelity"), "End to end: the int8 model against the original fp32"))
     for sub in ([report["slim"], report["quantize"]] if kind == "slim+int8" else [report]):
         parts.append(_sweep_section(sub) if kind == "sweep" else _section(sub))
     if preview:
@@ -225,17 +242,7 @@ def _section(r: dict) -> str:
                 for b in r.get("rows", [])]
     out = [f"<h2>{_esc(kind)}</h2><table>" + "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in rows)
            + "</table>"]
-    fid = r.get("fidelity")
-    if fid and fid.get("outputs"):
-        out.append("<h3>Fidelity on held-out samples</h3><table><tr><th>output</th><th>cosine</th><th>SQNR dB</th></tr>"
-                   + "".join(f"<tr><td>{_esc(o['name'])}</td><td>{float(o['cosine']):.4f}</td><td>{_esc(o['sqnr_db'])}</td></tr>"
-                             for o in fid["outputs"]) + "</table>")
-        for key, label in (("detection_ap", "detection AP@0.5 vs original"), ("top1_agreement", "top-1 agreement")):
-            if fid.get(key) is not None:
-                out.append(f"<p>{label}: <b>{fid[key]:.4f}</b></p>")
-        if fid.get("embedding"):
-            out.append(f"<p>embedding cosine: mean <b>{fid['embedding']['mean_cosine']:.4f}</b>, "
-                       f"min {fid['embedding']['min_cosine']:.4f}</p>")
+    out.append(_fidelity(r.get("fidelity"), "Fidelity on held-out samples"))
     if kind == "bench" and r.get("rows"):
         out.append("<h3>Latency</h3>" + latency_bars(r["rows"]))
     if kind == "check" and r.get("latency"):

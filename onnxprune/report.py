@@ -160,6 +160,7 @@ class CombinedReport:
 
     slim: Any
     quantize: Any
+    fidelity: Any = None  # FidelityReport of the int8 model against the original fp32 one (end to end)
 
     @property
     def output(self) -> str | None:
@@ -172,10 +173,14 @@ class CombinedReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "kind": "slim+int8", "slim": self.slim.to_dict(),
-                "quantize": self.quantize.to_dict()}
+                "quantize": self.quantize.to_dict(),
+                "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None}
 
     def summary(self) -> str:
-        return self.slim.summary() + "\n\n" + self.quantize.summary()
+        text = self.slim.summary() + "\n\n" + self.quantize.summary()
+        if self.fidelity is not None:
+            text += "\n\nend to end, original fp32 -> this int8 model: " + self.fidelity.summary()
+        return text
 
 
 def write_json(report: AnalysisReport | SlimReport, path: str | Path) -> None:

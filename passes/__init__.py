@@ -5,15 +5,18 @@
 - ``fold_batchnorm``: BatchNormalization folded into the preceding Conv, keeping γ for saliency.
 - ``remove_channels``: physical removal of pruned channels (the smaller dense graph).
 - ``mask_channels``: the same selection zeroed in place; the oracle that ``remove_channels`` must match.
+- ``reconstruct``: least-squares refit of the layers whose inputs changed (label-free recovery).
+- ``relu_activations``: LeakyRelu/PRelu after int8 convs made ReLU, so ORT fuses them (lossy, refitted after).
 """
 
 from .cleanup import CleanupRecord, cleanup
 from .equalize import EqualizeRecord, equalize
 from .fold_batchnorm import FoldRecord, fold_batchnorm
 from .mask_channels import mask_channels
+from .relu_activations import ReluRecord, fusable_activations, relu_activations
 from .remove_channels import RemovalRecord, remove_channels
 
 __all__ = [
     "CleanupRecord", "cleanup", "EqualizeRecord", "equalize", "FoldRecord", "fold_batchnorm", "mask_channels",
-    "RemovalRecord", "remove_channels",
+    "ReluRecord", "fusable_activations", "relu_activations", "RemovalRecord", "remove_channels",
 ]

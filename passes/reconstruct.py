@@ -11,7 +11,7 @@ batch, so memory is bounded by the sampled rows of one batch, not the calibratio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Collection, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -50,13 +50,19 @@ class _Target:
     rows: int = 0
 
 
-def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis, removed: set[int],
-                input_name: str, batches: Iterable[np.ndarray], *, ridge: float = 1e-3, rows_per_image: int = 256,
-                seed: int = 0, min_rows_per_unknown: float = 4.0) -> tuple[ir.Model, ReconstructRecord]:
-    """Return a copy of ``pruned`` whose consumers of removed channels are refitted."""
+def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
+                input_name: str, batches: Iterable[np.ndarray], *, changed: Collection[str] = (),
+                ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
+                min_rows_per_unknown: float = 4.0) -> tuple[ir.Model, ReconstructRecord]:
+    """Return a copy of ``pruned`` whose consumers of removed channels are refitted.
+
+    ``changed`` names activations whose values differ from ``original``'s without losing channels
+    (e.g. a LeakyReLU replaced by ReLU): the first weighted layers reading them are refitted too.
+    Without ``analysis`` (nothing removed), output channels map one to one.
+    """
     pruned = pruned.clone()  # tensors shared: refits replace them, never edit them
     record = ReconstructRecord()
-    targets = _targets(original, pruned, analysis, removed, record)
+    targets = _targets(original, pruned, analysis, removed, record, _reached(pruned, changed))
     if not targets:
         return pruned, record
     batches = list(batches)
@@ -89,21 +95,37 @@ def _accumulate(original: ir.Model, pruned: ir.Model, targets: list[_Target], in
             t.rows += len(X)
 
 
-def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis, removed: set[int],
-             record: ReconstructRecord) -> list[_Target]:
+def _reached(model: ir.Model, changed: Collection[str]) -> set[str]:
+    """``changed`` and every value computed from them by parameter-free ops (Add, Concat, Resize...)."""
+    reached = set(changed)
+    if not reached:
+        return reached
+    for node in model.graph:  # topological order
+        if node.op_type in WEIGHTED:
+            continue
+        if any(v is not None and v.name in reached for v in node.inputs):
+            reached.update(o.name for o in node.outputs)
+    return reached
+
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
+
+
+def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
+             record: ReconstructRecord, changed: set[str]) -> list[_Target]:
     removed_arr = np.array(sorted(removed), dtype=np.int64)
     orig_nodes = {n.name: n for n in original.graph}
-    out_slots = {s.node: s for s in analysis.slots if s.role == "out"}
+    out_slots = {s.node: s for s in analysis.slots if s.role == "out"} if analysis is not None else {}
     targets = []
     for node in pruned.graph:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or node.name not in orig_nodes:
+        if node.op_type not in WEIGHTED or node.name not in orig_nodes:
             continue
         w, w0 = node.inputs[1], orig_nodes[node.name].inputs[1]
         if w is None or w.const_value is None or w0 is None or w0.const_value is None:
             continue
         in_axis = {"Conv": 1, "MatMul": 0}.get(node.op_type, 1 if node.attributes.get_int("transB", 0) else 0)
-        if w.const_value.shape[in_axis] == w0.const_value.shape[in_axis]:
-            continue  # this layer lost no input channel
+        if w.const_value.shape[in_axis] == w0.const_value.shape[in_axis] and node.inputs[0].name not in changed:
+            continue  # this layer lost no input channel and reads what it read before
         if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
             record.skipped.append(f"{node.name}: grouped")
             continue

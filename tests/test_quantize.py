@@ -94,7 +94,19 @@ def test_cli_quantize_and_slim_int8(tmp_path: Path) -> None:
                  "--json", str(tmp_path / "s.json")]) == 0
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["kind"] == "slim+int8" and abs(report["slim"]["achieved_ratio"] - 0.25) <= 0.01
-    onnx.checker.check_model(onnx.load(str(tmp_path / "m.slim.int8.onnx")))
+    jsonschema.validate(report, json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json")
+                                           .read_text()))
+    final = onnx.load(str(tmp_path / "m.slim.int8.onnx"))
+    onnx.checker.check_model(final)
+    # End-to-end fidelity is against the original fp32 model, on the held-out samples.
+    from onnxprune.calibration import load_calibration
+    from onnxprune.calibration.split import CalibrationSplit
+    from onnxprune.graph.shapes import representative_shapes
+    held = CalibrationSplit.split(load_calibration(npy, model), 0.25, representative_shapes(model)).held
+    a, b = run(model, {"x": held})[0].ravel(), run(final, {"x": held})[0].ravel()
+    assert report["fidelity"]["n_inputs"] == len(held) == report["slim"]["calibration"]["held_out"]
+    assert report["fidelity"]["outputs"][0]["cosine"] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b),
+                                                                      abs=1e-5)
     assert main(["quantize", str(path), "-q"]) == 2  # no --calib
 
 

@@ -196,3 +196,13 @@ def test_unreachable_ray_cluster_fails_fast_with_one_line(setup, capsys) -> None
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("onnxprune: error: cannot reach the Ray cluster at 127.0.0.1:1")
     assert time.time() - start < 30
+
+
+def test_a_script_without_main_guard_runs_its_body_once(tmp_path: Path) -> None:
+    # Worker processes must not re-run the caller's script (forkserver/spawn import __main__ by default).
+    script = tmp_path / "unguarded.py"
+    script.write_text("import operator\nfrom onnxprune.executors import LocalExecutor\nprint('body ran')\n"
+                      "print([o.value for o in LocalExecutor(2).map(operator.mul, [1, 2, 3], shared=10)])\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["body ran", "[10, 20, 30]"]

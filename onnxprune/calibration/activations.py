@@ -67,3 +67,24 @@ def consumer_moments(model: ir.Model, analysis: ChannelAnalysis, input_name: str
 
 def _node(model: ir.Model, name: str) -> ir.Node:
     return next(n for n in model.graph if n.name == name)
+
+
+def relu_gaps(model: ir.Model, nodes: list[str], input_name: str, batches: Iterable[np.ndarray]) -> dict[str, float]:
+    """For each named activation node, ``||f(x) - relu(x)||^2 / ||f(x)||^2`` on the calibration batches.
+
+    How much of a LeakyRelu/PRelu's output its negative side carries on real data: near 0, the
+    activation is a ReLU in practice and can become one; a PReLU with large learnt slopes is not.
+    """
+    by_name = {n.name: n for n in model.graph}
+    pairs = {n: (by_name[n].inputs[0].name, by_name[n].outputs[0].name) for n in nodes}
+    gap: dict[str, float] = defaultdict(float)
+    energy: dict[str, float] = defaultdict(float)
+
+    def consume(t: dict[str, np.ndarray]) -> None:
+        for n, (x, y) in pairs.items():
+            fx = t[y].astype(np.float64)
+            gap[n] += float(np.square(fx - np.maximum(t[x], 0)).sum())
+            energy[n] += float(np.square(fx).sum())
+
+    stream(model, sorted({v for p in pairs.values() for v in p}), input_name, batches, consume)
+    return {n: gap[n] / energy[n] if energy[n] > 0 else 0.0 for n in nodes}
