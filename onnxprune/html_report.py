@@ -192,7 +192,7 @@ def frontier(rows: list[dict], width: int = 760, height: int = 360) -> str:
         c = PALETTE[models.index(r["model"]) % len(PALETTE)]
         tip = _esc(f"{r['model']} ratio {r['ratio']} {r['criterion']}{' int8' if r['int8'] else ''}: "
                    f"fidelity {r['fidelity']:.4f}, latency x{r['latency_ratio']:.3f}")
-        ring = f' stroke="#000" stroke-width="2"' if r.get("pareto") else ""
+        ring = ' stroke="#000" stroke-width="2"' if r.get("pareto") else ""
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{c}"{ring}><title>{tip}</title></circle>')
     for i, m in enumerate(models):
         out.append(f'<text x="{width - pad - 180}" y="{pad + 14 * i}" font-size="11" fill="{PALETTE[i % len(PALETTE)]}">'

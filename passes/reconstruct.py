@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterable
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from ..graph.runtime import pieces, session
@@ -65,34 +66,73 @@ def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis 
     targets = _targets(original, pruned, analysis, removed, record, _reached(pruned, changed))
     if not targets:
         return pruned, record
-    batches = list(batches)
-    # Sequential, in graph order: each layer is fitted on the activations of the already-refitted
-    # layers before it, so errors do not compound (fitting all at once made outputs worse).
+    feeds = pieces(original, list(batches), input_name)
+    # The original's outputs do not change: one pass samples every target's rows (and the positions
+    # they were taken at). The pruned model is then run per target, in graph order, each layer
+    # fitted on the activations of the already-refitted layers before it, so errors do not compound
+    # (fitting all at once made outputs worse); each run stops at the target's input.
+    wanted = _original_rows(original, targets, input_name, feeds, rows_per_image, seed)
     for t in targets:
-        _accumulate(original, pruned, [t], input_name, batches, rows_per_image, seed)
+        _accumulate(pruned, t, input_name, feeds, wanted[t.node])
         _solve(pruned, {n.name: n for n in pruned.graph}[t.node], t, ridge, record, min_rows_per_unknown)
     return pruned, record
 
 
-def _accumulate(original: ir.Model, pruned: ir.Model, targets: list[_Target], input_name: str,
-                batches: list[np.ndarray], rows_per_image: int, seed: int) -> None:
-    orig_sess = session(exposing(original, [t.out_name for t in targets]))
-    new_sess = session(exposing(pruned, [t.in_name for t in targets]))
-    orig_names = [o.name for o in orig_sess.get_outputs()]
-    new_names = [o.name for o in new_sess.get_outputs()]
-    nodes = {n.name: n for n in pruned.graph}
-    rng = np.random.default_rng(seed)
-    for x in pieces(original, batches, input_name):
-        ys = dict(zip(orig_names, orig_sess.run(None, {input_name: x})))
-        xs = dict(zip(new_names, new_sess.run(None, {input_name: x})))
-        for t in targets:
-            X, Y = _rows(t, nodes[t.node], xs[t.in_name], ys[t.out_name], rng, rows_per_image)
-            X = np.hstack([X, np.ones((len(X), 1))])
-            Y = Y[:, t.keep_out]
-            t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
-            t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
-            t.yy += float((Y * Y).sum())
-            t.rows += len(X)
+def _original_rows(original: ir.Model, targets: list[_Target], input_name: str, feeds: list[np.ndarray],
+                   per_image: int, seed: int, chunk: int = 16) -> dict[str, list[tuple[np.ndarray | None, np.ndarray]]]:
+    """Per target and feed: the sampled output positions (None: every row) and the original's rows there.
+
+    ``chunk`` targets are read per pass, which bounds the activations alive at once.
+    """
+    rows: dict[str, list[tuple[np.ndarray | None, np.ndarray]]] = {t.node: [] for t in targets}
+    for start in range(0, len(targets), chunk):
+        group = targets[start:start + chunk]
+        sess = session(exposing(original, sorted({t.out_name for t in group})))
+        names = [o.name for o in sess.get_outputs()]
+        rngs = {t.node: np.random.default_rng(seed) for t in group}  # one stream per target, as if run alone
+        for x in feeds:
+            ys = dict(zip(names, sess.run(None, {input_name: x})))
+            for t in group:
+                y = ys[t.out_name]
+                if t.kind == "conv":
+                    hw = y.shape[2] * y.shape[3]
+                    idx = rngs[t.node].choice(hw, size=min(per_image, hw), replace=False)
+                    oy, ox = np.divmod(idx, y.shape[3])
+                    Y = y[:, :, oy, ox].transpose(0, 2, 1).reshape(-1, y.shape[1])
+                else:
+                    idx, Y = None, y.reshape(-1, y.shape[-1])
+                rows[t.node].append((idx, np.asarray(Y[:, t.keep_out], np.float64)))
+            del ys
+    return rows
+
+
+def _accumulate(pruned: ir.Model, t: _Target, input_name: str, feeds: list[np.ndarray],
+                wanted: list[tuple[np.ndarray | None, np.ndarray]]) -> None:
+    sess = session(_up_to(pruned, t.in_name))
+    node = next(n for n in pruned.graph if n.name == t.node)
+    for x, (idx, Y) in zip(feeds, wanted):
+        X = _input_rows(t, node, sess.run(None, {input_name: x})[0], idx)
+        X = np.hstack([X, np.ones((len(X), 1))])
+        t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
+        t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
+        t.yy += float((Y * Y).sum())
+        t.rows += len(X)
+
+
+def _up_to(model: ir.Model, name: str) -> onnx.ModelProto:
+    """``model`` cut down to the nodes that compute ``name``, its only output."""
+    proto = exposing(model, [name])
+    needed, kept = {name}, []
+    for node in reversed(proto.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del proto.graph.node[:]
+    proto.graph.node.extend(reversed(kept))
+    out = next(o for o in proto.graph.output if o.name == name)
+    del proto.graph.output[:]
+    proto.graph.output.append(out)
+    return proto
 
 
 def _reached(model: ir.Model, changed: Collection[str]) -> set[str]:
@@ -158,33 +198,33 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
     return targets
 
 
-def _rows(t: _Target, node: ir.Node, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
-          per_image: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled (input patch, output) rows of one batch, in the layout of the flattened weight."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
+    """The layer's input patches at the sampled output positions ``idx``, in the layout of the flattened weight."""
+    x = np.asarray(x, np.float64)
     if t.kind != "conv":
-        return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        return x.reshape(-1, x.shape[-1])
     w = node.inputs[1].const_value.shape.numpy()
     kh, kw = w[2], w[3]
     sh, sw = (node.attributes.get_ints("strides", None) or (1, 1))
     dh, dw = (node.attributes.get_ints("dilations", None) or (1, 1))
     pads = list(node.attributes.get_ints("pads", None) or (0, 0, 0, 0))
     auto = node.attributes.get_string("auto_pad", "NOTSET")
-    hout, wout = y.shape[2], y.shape[3]
+    hout = (x.shape[2] + pads[0] + pads[2] - (kh - 1) * dh - 1) // sh + 1
+    wout = (x.shape[3] + pads[1] + pads[3] - (kw - 1) * dw - 1) // sw + 1
     if auto in ("SAME_UPPER", "SAME_LOWER"):
+        hout, wout = -(-x.shape[2] // sh), -(-x.shape[3] // sw)
         th = max((hout - 1) * sh + (kh - 1) * dh + 1 - x.shape[2], 0)
         tw = max((wout - 1) * sw + (kw - 1) * dw + 1 - x.shape[3], 0)
         top, left = (th // 2, tw // 2) if auto == "SAME_UPPER" else (th - th // 2, tw - tw // 2)
         pads = [top, left, th - top, tw - left]
+    elif auto == "VALID":
+        pads = [0, 0, 0, 0]
+        hout, wout = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1, (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    n = min(per_image, hout * wout)
-    idx = rng.choice(hout * wout, size=n, replace=False)
     oy, ox = np.divmod(idx, wout)
     cols = [xp[:, :, oy * sh + ky * dh, ox * sw + kx * dw] for ky in range(kh) for kx in range(kw)]
     X = np.stack(cols, axis=-1)  # [B, C, P, kh*kw]
-    X = X.transpose(0, 2, 1, 3).reshape(x.shape[0] * n, -1)
-    Y = y[:, :, oy, ox].transpose(0, 2, 1).reshape(x.shape[0] * n, -1)
-    return X, Y
+    return X.transpose(0, 2, 1, 3).reshape(x.shape[0] * len(idx), -1)
 
 
 def _solve(model: ir.Model, node: ir.Node, t: _Target, ridge: float, record: ReconstructRecord,
