@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--criteria", metavar="C,C,...", help=f"channel criteria (default: {CALIBRATED_CRITERION}). {crit}")
     w.add_argument("--int8", action="store_true", help="quantize every point (with --no-int8 too: both variants)")
     w.add_argument("--no-int8", action="store_true", help="float points (the default)")
+    w.add_argument("--relu", action="store_true", help="int8 points: " + RELU_HELP)
     w.add_argument("--thresholds", choices=list(THRESHOLDS), default="mse", help="with --int8 (default mse)")
     w.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N")
     w.add_argument("--input-shape", action="append", metavar="NAME=1x3x640x640", help="analysis shape; repeatable")
@@ -284,7 +285,7 @@ def _sweep(args: argparse.Namespace, progress: ConsoleProgress):
     options = SweepOptions(ratios=ratios, criteria=criteria, int8=int8, task=args.task, thresholds=args.thresholds,
                            round_to=args.round_to, holdout=args.holdout,
                            input_shapes=tuple(sorted(_shapes(args.input_shape).items())), runs=args.runs,
-                           seed=args.seed)
+                           seed=args.seed, relu=args.relu)
     options.validate()
     calibration = [_calibration(args, m, progress) for m in models]  # each model in its own input format
     with make_executor(args.executor, workers=args.workers, address=args.ray_address, retries=args.retries) as ex:

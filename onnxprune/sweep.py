@@ -59,6 +59,7 @@ class SweepOptions:
     input_shapes: tuple[tuple[str, Shape], ...] = ()
     runs: int = 30  # interleaved timing rounds per point
     seed: int = 0
+    relu: bool = False  # int8 points: LeakyRelu/PRelu made ReLU where nearly ReLU (see quantize)
 
     def validate(self) -> None:
         if not self.ratios:
@@ -73,6 +74,8 @@ class SweepOptions:
             raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.runs < 1:
             raise ConfigError(f"--runs must be at least 1, got {self.runs}")
+        if self.relu and True not in self.int8:
+            raise ConfigError("--relu only applies with --int8")
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Point:
                 "thresholds": options.thresholds if self.int8 else None, "round_to": options.round_to,
                 "holdout": options.holdout, "input_shapes": [list(map(str, kv)) for kv in options.input_shapes],
                 "seed": options.seed}
+        if options.relu and self.int8:  # only when set, so earlier sweeps' points keep their keys
+            spec["relu"] = True
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
@@ -194,7 +199,7 @@ def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
     final = result.model
     if point.int8:
         final = quantize(final, calibration, thresholds=opts.thresholds, holdout=opts.holdout,
-                         task=opts.task).model
+                         task=opts.task, relu=opts.relu).model
     split = CalibrationSplit.split(calibration, opts.holdout, representative_shapes(original, shapes))
     fidelity = split.evaluate(original, final, opts.task)
     metric, value = fidelity.headline()
@@ -278,7 +283,7 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
 
     own = executor is None
     pool = executor or LocalExecutor()
-    notes = []
+    notes = ["int8 points: LeakyRelu/PRelu after int8 convs made ReLU where nearly ReLU (--relu)"] if options.relu else []
     try:
         stage = f"compressing on {pool.name} ({pool.workers} workers)"
         if todo_compute:

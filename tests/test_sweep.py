@@ -206,3 +206,13 @@ def test_a_script_without_main_guard_runs_its_body_once(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:2] == ["body ran", "[10, 20, 30]"]
+
+
+def test_relu_changes_only_int8_keys_and_needs_int8() -> None:
+    from onnxprune.sweep import Point
+    plain, relu = SweepOptions(ratios=(0.3,), int8=(False, True)), SweepOptions(ratios=(0.3,), int8=(False, True), relu=True)
+    f, q = Point("m", "h", 0.3, None, False), Point("m", "h", 0.3, None, True)
+    assert f.key(plain, "c") == f.key(relu, "c")  # float points are the same points
+    assert q.key(plain, "c") != q.key(relu, "c")
+    with pytest.raises(onnxprune.ConfigError, match="--relu only applies with --int8"):
+        SweepOptions(ratios=(0.3,), relu=True).validate()
