@@ -127,6 +127,7 @@ def _up_to(model: ir.Model, name: str) -> onnx.ModelProto:
         if needed.intersection(node.output):
             kept.append(node)
             needed.update(node.input)
+            needed.update(_read_in_subgraphs(node))  # If/Loop bodies read outer values by name
     del proto.graph.node[:]
     proto.graph.node.extend(reversed(kept))
     out = next(o for o in proto.graph.output if o.name == name)
@@ -196,6 +197,16 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
         targets.append(_Target(node.name, kind, node.inputs[0].name, out_name, keep, w.name, bias,
                                bool(node.attributes.get_int("transB", 0))))
     return targets
+
+
+def _read_in_subgraphs(node: onnx.NodeProto) -> set[str]:
+    names: set[str] = set()
+    for attr in node.attribute:
+        for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for inner in g.node:
+                names.update(inner.input)
+                names.update(_read_in_subgraphs(inner))
+    return names
 
 
 def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
