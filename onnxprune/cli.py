@@ -362,6 +362,8 @@ def _check(args: argparse.Namespace, progress: ConsoleProgress):
 
 def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsoleProgress):
     int8 = args.command == "quantize" or args.int8
+    if args.relu and not int8:
+        raise ConfigError("--relu only applies with --int8")
     suffix = ".int8.onnx" if args.command == "quantize" else (".slim.int8.onnx" if int8 else ".slim.onnx")
     output = Path(args.output) if args.output else _default_output(model, suffix)
     if output.exists() and output.resolve() == Path(model).resolve():
@@ -372,8 +374,6 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
     calibration = _calibration(args, model, progress)
     if int8 and calibration is None:
         raise ConfigError("int8 quantization needs calibration data (--calib)")
-    if args.relu and not int8:
-        raise ConfigError("--relu only applies with --int8")
     if args.command == "quantize":
         result = quantize(model, calibration, thresholds=args.thresholds, per_channel=not args.per_tensor,
                           exclude=args.exclude, holdout=args.holdout, task=args.task,
