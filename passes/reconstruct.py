@@ -16,6 +16,7 @@ from typing import Collection, Iterable
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..graph.runtime import pieces, session
 from ..graph.interface import exposing
@@ -72,19 +73,24 @@ def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis 
     # fitted on the activations of the already-refitted layers before it, so errors do not compound
     # (fitting all at once made outputs worse); each run stops at the target's input.
     wanted = _original_rows(original, targets, input_name, feeds, rows_per_image, seed)
+    nodes = {n.name: n for n in pruned.graph}  # refits replace tensors, never nodes
     for t in targets:
-        _accumulate(pruned, t, input_name, feeds, wanted[t.node])
-        _solve(pruned, {n.name: n for n in pruned.graph}[t.node], t, ridge, record, min_rows_per_unknown)
+        _accumulate(pruned, nodes[t.node], t, input_name, feeds, wanted[t.node])
+        _solve(pruned, nodes[t.node], t, ridge, record, min_rows_per_unknown)
     return pruned, record
 
 
+Rows = tuple[np.ndarray | None, tuple[int, int], np.ndarray]  # sampled positions, output (H, W), output rows
+
+
 def _original_rows(original: ir.Model, targets: list[_Target], input_name: str, feeds: list[np.ndarray],
-                   per_image: int, seed: int, chunk: int = 16) -> dict[str, list[tuple[np.ndarray | None, np.ndarray]]]:
-    """Per target and feed: the sampled output positions (None: every row) and the original's rows there.
+                   per_image: int, seed: int, chunk: int = 16) -> dict[str, list[Rows]]:
+    """Per target and feed: the sampled output positions (None: every row), the output's spatial
+    size and the original's rows there.
 
     ``chunk`` targets are read per pass, which bounds the activations alive at once.
     """
-    rows: dict[str, list[tuple[np.ndarray | None, np.ndarray]]] = {t.node: [] for t in targets}
+    rows: dict[str, list[Rows]] = {t.node: [] for t in targets}
     for start in range(0, len(targets), chunk):
         group = targets[start:start + chunk]
         sess = session(exposing(original, sorted({t.out_name for t in group})))
@@ -95,23 +101,22 @@ def _original_rows(original: ir.Model, targets: list[_Target], input_name: str, 
             for t in group:
                 y = ys[t.out_name]
                 if t.kind == "conv":
-                    hw = y.shape[2] * y.shape[3]
-                    idx = rngs[t.node].choice(hw, size=min(per_image, hw), replace=False)
-                    oy, ox = np.divmod(idx, y.shape[3])
+                    hw = (y.shape[2], y.shape[3])
+                    idx = rngs[t.node].choice(hw[0] * hw[1], size=min(per_image, hw[0] * hw[1]), replace=False)
+                    oy, ox = np.divmod(idx, hw[1])
                     Y = y[:, :, oy, ox].transpose(0, 2, 1).reshape(-1, y.shape[1])
                 else:
-                    idx, Y = None, y.reshape(-1, y.shape[-1])
-                rows[t.node].append((idx, np.asarray(Y[:, t.keep_out], np.float64)))
+                    idx, hw, Y = None, (0, 0), y.reshape(-1, y.shape[-1])
+                rows[t.node].append((idx, hw, np.asarray(Y[:, t.keep_out], np.float64)))
             del ys
     return rows
 
 
-def _accumulate(pruned: ir.Model, t: _Target, input_name: str, feeds: list[np.ndarray],
-                wanted: list[tuple[np.ndarray | None, np.ndarray]]) -> None:
+def _accumulate(pruned: ir.Model, node: ir.Node, t: _Target, input_name: str, feeds: list[np.ndarray],
+                wanted: list[Rows]) -> None:
     sess = session(_up_to(pruned, t.in_name))
-    node = next(n for n in pruned.graph if n.name == t.node)
-    for x, (idx, Y) in zip(feeds, wanted):
-        X = _input_rows(t, node, sess.run(None, {input_name: x})[0], idx)
+    for x, (idx, hw, Y) in zip(feeds, wanted):
+        X = _input_rows(t, node, sess.run(None, {input_name: x})[0], idx, hw)
         X = np.hstack([X, np.ones((len(X), 1))])
         t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
         t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
@@ -120,20 +125,16 @@ def _accumulate(pruned: ir.Model, t: _Target, input_name: str, feeds: list[np.nd
 
 
 def _up_to(model: ir.Model, name: str) -> onnx.ModelProto:
-    """``model`` cut down to the nodes that compute ``name``, its only output."""
-    proto = exposing(model, [name])
-    needed, kept = {name}, []
-    for node in reversed(proto.graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(node.input)
-            needed.update(_read_in_subgraphs(node))  # If/Loop bodies read outer values by name
-    del proto.graph.node[:]
-    proto.graph.node.extend(reversed(kept))
-    out = next(o for o in proto.graph.output if o.name == name)
-    del proto.graph.output[:]
-    proto.graph.output.append(out)
-    return proto
+    """``model`` cut down to the nodes (and weights) that compute ``name``, its only output."""
+    cut = model.clone()  # tensors shared, not copied
+    value = next(v for v in [*cut.graph.inputs, *(o for n in cut.graph for o in n.outputs)] if v.name == name)
+    cut.graph.outputs.clear()
+    cut.graph.outputs.append(value)
+    RemoveUnusedNodesPass()(cut)  # also follows what If/Loop bodies read from the outer graph
+    return ir.to_proto(cut)
+
+
+WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 
 def _reached(model: ir.Model, changed: Collection[str]) -> set[str]:
@@ -147,9 +148,6 @@ def _reached(model: ir.Model, changed: Collection[str]) -> set[str]:
         if any(v is not None and v.name in reached for v in node.inputs):
             reached.update(o.name for o in node.outputs)
     return reached
-
-
-WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 
 def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
@@ -199,18 +197,10 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
     return targets
 
 
-def _read_in_subgraphs(node: onnx.NodeProto) -> set[str]:
-    names: set[str] = set()
-    for attr in node.attribute:
-        for g in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
-            for inner in g.node:
-                names.update(inner.input)
-                names.update(_read_in_subgraphs(inner))
-    return names
-
-
-def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None) -> np.ndarray:
-    """The layer's input patches at the sampled output positions ``idx``, in the layout of the flattened weight."""
+def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None, out_hw: tuple[int, int]
+                ) -> np.ndarray:
+    """The layer's input patches at the sampled output positions ``idx`` (of an ``out_hw`` output),
+    in the layout of the flattened weight."""
     x = np.asarray(x, np.float64)
     if t.kind != "conv":
         return x.reshape(-1, x.shape[-1])
@@ -220,17 +210,12 @@ def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None
     dh, dw = (node.attributes.get_ints("dilations", None) or (1, 1))
     pads = list(node.attributes.get_ints("pads", None) or (0, 0, 0, 0))
     auto = node.attributes.get_string("auto_pad", "NOTSET")
-    hout = (x.shape[2] + pads[0] + pads[2] - (kh - 1) * dh - 1) // sh + 1
-    wout = (x.shape[3] + pads[1] + pads[3] - (kw - 1) * dw - 1) // sw + 1
+    hout, wout = out_hw
     if auto in ("SAME_UPPER", "SAME_LOWER"):
-        hout, wout = -(-x.shape[2] // sh), -(-x.shape[3] // sw)
         th = max((hout - 1) * sh + (kh - 1) * dh + 1 - x.shape[2], 0)
         tw = max((wout - 1) * sw + (kw - 1) * dw + 1 - x.shape[3], 0)
         top, left = (th // 2, tw // 2) if auto == "SAME_UPPER" else (th - th // 2, tw - tw // 2)
         pads = [top, left, th - top, tw - left]
-    elif auto == "VALID":
-        pads = [0, 0, 0, 0]
-        hout, wout = (x.shape[2] - (kh - 1) * dh - 1) // sh + 1, (x.shape[3] - (kw - 1) * dw - 1) // sw + 1
     xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
     oy, ox = np.divmod(idx, wout)
     cols = [xp[:, :, oy * sh + ky * dh, ox * sw + kx * dw] for ky in range(kh) for kx in range(kw)]

@@ -31,6 +31,6 @@ def test_refit_rows_are_the_patches_that_make_the_sampled_outputs(attrs: dict) -
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
     t = rc._Target("conv", "conv", "x", "y", np.ones(5, bool), "w", "b")
     feeds = [rng.standard_normal((2, 4, 15, 13)).astype(np.float32)]
-    (idx, Y), = rc._original_rows(model, [t], "x", feeds, per_image=40, seed=0)["conv"]
-    X = rc._input_rows(t, next(iter(model.graph)), feeds[0], idx)
+    (idx, hw, Y), = rc._original_rows(model, [t], "x", feeds, per_image=40, seed=0)["conv"]
+    X = rc._input_rows(t, next(iter(model.graph)), feeds[0], idx, hw)
     np.testing.assert_allclose(X @ w.reshape(5, -1).T.astype(np.float64) + b, Y, rtol=1e-4, atol=1e-4)
