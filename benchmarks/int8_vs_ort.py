@@ -92,8 +92,8 @@ def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool)
 def _fidelity_vs(original: onnx.ModelProto, candidate: onnx.ModelProto, data) -> dict:
     from onnxprune.calibration.split import CalibrationSplit
     from onnxprune.graph.shapes import representative_shapes
-    split = CalibrationSplit.split(data, 0.5, representative_shapes(original))
-    return split.evaluate(original, candidate, "auto").to_dict()
+    return CalibrationSplit.held_out_fidelity(data, 0.5, representative_shapes(original), original, candidate,
+                                              "auto").to_dict()
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from .graph.metrics import ModelCost, model_cost
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .progress import Progress, log_progress
 from .quantization.qdq import is_int8_kernel
-from .report import SCHEMA_VERSION, _big, shape_text, short_name
+from .report import SCHEMA_VERSION, _big, dims_text, shape_text, short_name
 
 # Dense float compute as it appears after ORT's fusions (FusedConv etc. are com.microsoft ops).
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
@@ -85,7 +85,7 @@ class BenchReport:
                          f"{'mem MB':>7s} {'size':>8s} {'NetScore':>8s}")
             for r in (r for r in self.rows if (r.provider, r.threads) == (provider, threads)):
                 vs = "—" if r.speedup is None else f"x{r.speedup:.3f}±{(r.ratio_iqr or 0) / 2:.3f}"
-                shape = ",".join("x".join(map(str, s)) for s in r.input_shapes.values())
+                shape = dims_text(r.input_shapes)
                 ns = "—" if r.netscore is None else f"{r.netscore:.1f}"
                 lines.append(f"{names[r.model]:{width}s}  {shape:>14s}  {r.min_ms:8.3f} {r.median_ms:8.3f} "
                              f"{r.p90_ms:8.3f} {r.throughput:8.1f}  {vs:>14s}  {_big(r.params):>9s} "

@@ -220,7 +220,7 @@ def _fidelity(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Infere
     split = CalibrationSplit.split(calibration, 1.0, shapes)  # every sample is measured
     wanted = "outputs" if task == "auto" else task
     try:
-        ref_sess.run(None, {split.input_name: calibration.samples()[:1]})
+        ref_sess.run(None, {split.input_name: calibration.batches[0][:1]})
     except Exception as exc:
         raise ConfigError(f"calibration data does not fit the original model: {_line(exc)}") from None
     try:

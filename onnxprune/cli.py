@@ -18,7 +18,7 @@ from .calibration import PRESETS, Preprocess, load_calibration, load_identities,
 from .calibration.split import CalibrationSplit
 from .fidelity import TASKS
 from .graph.io import check_writable, load_proto, write_text_atomic
-from .graph.shapes import parse_input_shape, representative_shapes
+from .graph.shapes import parse_input_shape
 from .int8 import DEFAULT_THRESHOLDS, quantize
 from .progress import ConsoleProgress, configure_logging
 from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
@@ -394,10 +394,9 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
             result = quantize(result.model, calibration, thresholds=args.thresholds, holdout=args.holdout,
                               task=args.task, relu=args.relu, progress=progress)
             progress("end-to-end fidelity")
-            original = load_proto(model)
-            split = CalibrationSplit.split(calibration, args.holdout,
-                                           representative_shapes(original, _shapes(args.input_shape)))
-            result.report = CombinedReport(slim_report, result.report, split.evaluate(original, result.model, args.task))
+            end_to_end = CalibrationSplit.held_out_fidelity(calibration, args.holdout, slim_report.input_shapes,
+                                                            load_proto(model), result.model, args.task)
+            result.report = CombinedReport(slim_report, result.report, end_to_end)
             result.preview = result.preview or preview
     progress("writing")
     result.save(output, protect=[model])

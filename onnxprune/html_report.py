@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .graph.io import write_text_atomic
+from .report import _finite, dims_text
 
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
 
@@ -119,7 +120,7 @@ def latency_bars(rows: list[dict], width: int = 760) -> str:
            f'aria-label="latency per model and configuration">']
     for i, r in enumerate(rows):
         y = i * h + 4
-        shape = ",".join("x".join(map(str, s)) for s in r["input_shapes"].values())
+        shape = dims_text(r["input_shapes"])
         name = f"{str(r['model'])[-28:]} · {str(r['provider']).replace('ExecutionProvider', '')} {r['threads']}T {shape}"
         color = PALETTE[models.index(str(r["model"])) % len(PALETTE)]
         out.append(f'<text x="{label - 6}" y="{y + 12}" font-size="11" text-anchor="end">{_esc(name)}</text>')
@@ -232,7 +233,7 @@ def _section(r: dict) -> str:
                  f"(threshold {_num(c.get('threshold'))}): {c.get('detail', '')}") for c in r.get("criteria", [])]
     elif kind == "bench":
         rows = [(f"{b['model']} · {b['provider']} · {b['threads']}T · "
-                 + ",".join("x".join(map(str, v)) for v in b["input_shapes"].values()),
+                 + dims_text(b["input_shapes"]),
                  f"median {b['median_ms']:.3f} ms (min {b['min_ms']:.3f}, p90 {b['p90_ms']:.3f}), "
                  f"{b['throughput']:.1f} samples/s"
                  + (f", x{b['speedup']:.3f} vs first" if b.get("speedup") is not None else "")
@@ -261,7 +262,6 @@ def _section(r: dict) -> str:
 
 def write_report(report: Any, directory: str | Path, preview: str = "") -> Path:
     """Write ``directory/report.html`` for a report object (anything with ``to_dict()``)."""
-    from .report import _finite
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     return write_text_atomic(render(_finite(report.to_dict()), preview), d / "report.html")

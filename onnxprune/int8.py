@@ -19,6 +19,7 @@ from .fidelity import TASKS
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
 from .graph.shapes import representative_shapes
+from .graph.skeleton import skeleton
 from .passes import equalize
 from .passes.reconstruct import reconstruct
 from .passes.relu_activations import fusable_activations, relu_activations
@@ -119,7 +120,7 @@ def _matching(model: onnx.ModelProto, patterns: Sequence[str]) -> tuple[list[str
 def _relu(graph: ir.Model, exclude: Sequence[str], float_slow_layers: bool, split: CalibrationSplit,
           say: Progress) -> tuple[ir.Model, list[str], list[str]]:
     """LeakyRelu/PRelu after the convs that will be int8 made ReLU, and the layers reading them refitted."""
-    proto = ir.to_proto(graph)
+    proto = skeleton(graph)  # names and weight shapes are all the two rules read
     keep_float = set(_matching(proto, exclude)[0]) | (set(slow_int8_layers(proto)) if float_slow_layers else set())
     candidates = fusable_activations(graph, float_nodes=keep_float)
     if not candidates:
@@ -138,11 +139,6 @@ def _relu(graph: ir.Model, exclude: Sequence[str], float_slow_layers: bool, spli
     return new, [n for n, _ in record.replaced], [
         f"--relu: {len(record.replaced)} {'/'.join(ops)} made ReLU (fused into int8 convs by ORT), "
         f"{len(fits.layers)} layers after them refitted; the fidelity above includes this change"] + notes
-
-
-def fidelity_value(report) -> float:
-    """The task metric when there is one, else the mean cosine of the outputs."""
-    return report.headline()[1]
 
 
 def most_harmful_layer(float_model: onnx.ModelProto, rows: Sequence[LayerError],
@@ -232,7 +228,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     say(f"quantizing ({thresholds})")
     quantized, record, rows, fidelity = attempt(ranges, excluded)
     kept_float: list[str] = []
-    while max_drop is not None and 1 - fidelity_value(fidelity) > max_drop and len(kept_float) < max_float_layers:
+    while max_drop is not None and 1 - fidelity.headline()[1] > max_drop and len(kept_float) < max_float_layers:
         worst = most_harmful_layer(pre, rows, skip=excluded + kept_float)
         if worst is None:
             break
@@ -240,7 +236,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         say(f"keeping {worst} in float ({len(kept_float)})")
         quantized, record, rows, fidelity = attempt(record.ranges or None, excluded + kept_float)
     if max_drop is not None:
-        drop = 1 - fidelity_value(fidelity)
+        drop = 1 - fidelity.headline()[1]
         notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept_float)} layer(s) kept in float"
                      + ("" if drop <= max_drop else " (target not reached)"))
     excluded = excluded + kept_float

@@ -21,7 +21,7 @@ from .allocation import allocate
 from .calibration import CalibrationSet
 from .calibration.split import CalibrationSplit
 from .calibration.activations import consumer_moments
-from .fidelity import TASKS
+from .fidelity import TASKS, FidelityReport
 from .passes.reconstruct import LayerFit, reconstruct
 from .sensitivity import scan
 from .channels.analysis import ChannelAnalysis, analyze_channels
@@ -86,6 +86,7 @@ class SlimResult:
     report: SlimReport
     preview: str = ""  # SVG of detections on a held-out photo (detectors with calibration data)
     external_data: bool | None = None  # save weights beside the model (None: only if too big for one protobuf)
+    fidelity: FidelityReport | None = None  # held-out fidelity (also in ``report.fidelity`` as a dict)
 
     def save(self, path: str | Path, *, protect: Sequence[str | Path] = ()) -> Path:
         return save_atomic(self.model, path, protect=[Path(p) for p in protect], external_data=self.external_data)
@@ -292,7 +293,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         fidelity_summary=fidelity.summary() if fidelity is not None else "",
         finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None)
     return SlimResult(pruned, report, calib.preview if calib is not None else "",
-                      external_data=prep.source.external or None)
+                      external_data=prep.source.external or None, fidelity=fidelity)
 
 
 def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from .graph.io import _atomic_write
 from .html_report import PALETTE
-from .report import short_name
+from .report import dims_text, short_name
 
 MISSING_NOTE = ("matplotlib is not installed: wrote report.html (inline charts) without PNG charts; "
                 "pip install 'onnxprune[report]' for them")
@@ -254,6 +254,6 @@ def _sweep_charts(sweep: Mapping[str, Any], d: Path) -> list[Path]:
 
 
 def _config(row: Mapping[str, Any]) -> str:
-    shape = ",".join("x".join(map(str, s)) for s in row["input_shapes"].values())
+    shape = dims_text(row["input_shapes"])
     provider = str(row["provider"]).replace("ExecutionProvider", "")
     return f"{provider}\n{row['threads']}T {shape}"

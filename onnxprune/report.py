@@ -204,6 +204,11 @@ def shape_text(shapes: Mapping[str, Sequence[int]]) -> str:
     return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in shapes.items())
 
 
+def dims_text(shapes: Mapping[str, Sequence[int]]) -> str:
+    """``1x3x640x640,...``: the dims alone, for table cells and chart labels."""
+    return ",".join("x".join(map(str, v)) for v in shapes.values())
+
+
 def short_name(label: str) -> str:
     """A model path shown as its file name (labels that are not paths stay as they are)."""
     return Path(label).name if os.sep in label else label

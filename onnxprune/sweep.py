@@ -35,7 +35,7 @@ from .executors import LocalExecutor, TaskExecutor
 from .fidelity import TASKS
 from .graph.io import load_proto, write_bytes_atomic, write_text_atomic
 from .graph.runtime import session
-from .graph.shapes import Shape, representative_shapes
+from .graph.shapes import Shape
 from .pipeline import DEFAULT_ROUND_TO
 from .progress import Progress, log_progress
 from .report import SCHEMA_VERSION, _finite
@@ -196,12 +196,12 @@ def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
     shapes = dict(opts.input_shapes) or None
     result = slim(original, point.ratio, criterion=point.criterion, round_to=opts.round_to, input_shapes=shapes,
                   calibration=calibration, holdout=opts.holdout, task=opts.task, workers=1)
-    final = result.model
+    final, fidelity = result.model, result.fidelity  # slim measured the float point on the same split
     if point.int8:
         final = quantize(final, calibration, thresholds=opts.thresholds, holdout=opts.holdout,
                          task=opts.task, relu=opts.relu).model
-    split = CalibrationSplit.split(calibration, opts.holdout, representative_shapes(original, shapes))
-    fidelity = split.evaluate(original, final, opts.task)
+        fidelity = CalibrationSplit.held_out_fidelity(calibration, opts.holdout, result.report.input_shapes,
+                                                      original, final, opts.task)
     metric, value = fidelity.headline()
     data = final.SerializeToString()
     report = result.report  # params and MACs of the float graph: a QDQ graph's are the same numbers
@@ -217,10 +217,9 @@ def time_point(inputs: SweepInputs, item: tuple[str, str]) -> dict[str, float]:
     model_hash, path = item
     opts = inputs.options
     original = onnx.load_from_string(inputs.models[model_hash])
-    candidate = onnx.load(path)
     calibration = inputs.calibration[model_hash]
     feeds = {calibration.name: calibration.samples()[:1]}
-    times = interleaved_times([session(original, 1), session(candidate, 1)], feeds, opts.runs,
+    times = interleaved_times([session(original, 1), session(path, 1)], feeds, opts.runs,
                               max(3, opts.runs // 10), opts.seed)
     q25, q50, q75 = ratio_quartiles(times[:, 1], times[:, 0])
     med = np.median(times, axis=0)

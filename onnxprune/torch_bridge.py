@@ -542,10 +542,11 @@ def _avgpool(c: _Ctx, n: _Node, x):
     if include:
         return _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True)
     ones = F.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=x.dtype), _torch_pad(pads))
-    if nd > 1:  # window sum / count of real values, as ORT computes it (int8 simulation hits exact .5 ties)
-        return _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True, 1) / _AVGPOOL[nd](ones, kernel, strides, 0, ceil,
-                                                                                 True, 1)
-    return _AVGPOOL[nd](xp, kernel, strides, 0, ceil, True) / _AVGPOOL[nd](ones, kernel, strides, 0, ceil, True)
+    # Window sum / count of real values, as ORT computes it (int8 simulation hits exact .5 ties);
+    # avg_pool1d has no divisor_override.
+    divisor = (1,) if nd > 1 else ()
+    return (_AVGPOOL[nd](xp, kernel, strides, 0, ceil, True, *divisor)
+            / _AVGPOOL[nd](ones, kernel, strides, 0, ceil, True, *divisor))
 
 
 @_op("GlobalAveragePool")

@@ -13,7 +13,6 @@ from typing import Mapping
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .errors import VerificationError
 from .graph.runtime import session

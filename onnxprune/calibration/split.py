@@ -37,6 +37,13 @@ class CalibrationSplit:
         held, fit = samples[order[:n_held]], samples[order[n_held:]]
         return cls(data.name, fit, held, data)
 
+    @classmethod
+    def held_out_fidelity(cls, data: CalibrationSet, holdout: float, input_shapes: dict, original: onnx.ModelProto,
+                          candidate: onnx.ModelProto, task: str) -> FidelityReport | None:
+        """``candidate`` against ``original`` on the samples slim and quantize hold out with the same
+        ``holdout``: the end-to-end fidelity of a chain of steps (slim, then int8)."""
+        return cls.split(data, holdout, input_shapes).evaluate(original, candidate, task)
+
     @property
     def count(self) -> int:
         return len(self.fit)

@@ -91,8 +91,7 @@ class ModelSource:
     def weight_bytes(self) -> int:
         """Bytes of all initializers, read from the graph (no weight is loaded)."""
         if isinstance(self._given, ir.Model):
-            return sum(v.const_value.nbytes for v in self._given.graph.initializers.values()
-                       if v.const_value is not None)
+            return _nbytes(self._given)
         proto = self._stub if self._stub is not None else self._given
         total = 0
         for t in proto.graph.initializer:

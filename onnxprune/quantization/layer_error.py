@@ -127,7 +127,7 @@ def _table(model: onnx.ModelProto, matching: dict, weight_sqnr: dict[str, float]
                 continue
             seen.add(i)
             if i in measured:
-                worst = max(worst, _noise(measured[i][0]) if math.isfinite(measured[i][0]) else 0.0)
+                worst = max(worst, _noise(measured[i][0]))
             elif i in producer:
                 worst = max(worst, input_noise(producer[i], seen))
         return worst
@@ -138,9 +138,9 @@ def _table(model: onnx.ModelProto, matching: dict, weight_sqnr: dict[str, float]
         node = owner(t)
         sqnr, qdq = measured[t]
         if node is None:  # a graph input: only its own quantizer
-            rows.append(LayerError(t, t, "input", sqnr, qdq, _noise(sqnr) if math.isfinite(sqnr) else 0.0))
+            rows.append(LayerError(t, t, "input", sqnr, qdq, _noise(sqnr)))
             continue
-        added = (_noise(sqnr) if math.isfinite(sqnr) else 0.0) - input_noise(node, set())
+        added = _noise(sqnr) - input_noise(node, set())
         op = node.op_type + ("+" + producer[t].op_type if producer[t] is not node else "")
         w = node.input[1] if node.op_type in WEIGHTED_OPS and len(node.input) > 1 else None
         rows.append(LayerError(t, node.name or t, op, sqnr, qdq, added, weight_sqnr.get(w) if w else None))

@@ -22,13 +22,13 @@ import torch
 from ..graph.runtime import pieces, session
 from ..progress import Progress, log_progress
 from .qdq import compute_ranges, quantize_qdq
-from .simulate import QDQSimulation, fake_quant, quantized_activations
+from .simulate import QDQSimulation, fake_quant
 
-__all__ = ["fake_quant", "quantized_activations", "train_ranges"]
+__all__ = ["fake_quant", "train_ranges"]
 
 
 def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray], *, steps: int = 100,
-                 lr: float = 0.02, seed: int = 0, only: set[str] | None = None,
+                 lr: float = 0.02, seed: int = 0,
                  init: dict[str, tuple[float, float]] | None = None, qdq: onnx.ModelProto | None = None,
                  progress: Progress | None = None) -> tuple[dict[str, tuple[float, float]], list[str]]:
     """Trained (rmin, rmax) per activation tensor, initialised from the MSE ranges.
@@ -36,14 +36,14 @@ def train_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
     ``qdq``: ORT's QDQ model of ``model`` with the ``init`` ranges (made here when not given). The
     training simulates exactly that graph (:class:`QDQSimulation`): the tensors it quantizes, its
     quantized weights and biases; simulating others would train thresholds for a different graph
-    than the one that runs. ``only`` restricts training to some of those tensors.
+    than the one that runs.
     """
     torch.manual_seed(seed)
     init = init or compute_ranges(model, input_name, batches, "mse")
     if qdq is None:
         qdq, _ = quantize_qdq(model, input_name, batches, ranges=init)
     sim = QDQSimulation(model, qdq)
-    names = [n for n, (lo, hi) in init.items() if hi > lo and n in sim.trainable and (only is None or n in only)]
+    names = [n for n, (lo, hi) in init.items() if hi > lo and n in sim.trainable]
     log_hi = {n: torch.tensor(math.log(max(init[n][1], 1e-6)), requires_grad=True) for n in names if init[n][1] > 0}
     log_lo = {n: torch.tensor(math.log(-init[n][0]), requires_grad=True) for n in names if init[n][0] < 0}
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..graph.runtime import pieces
-from .criteria import ScoreContext, register_criterion
+from .criteria import ScoreContext, position_sums, register_criterion
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -169,7 +169,7 @@ def unit_scores_from_weights(ctx: ScoreContext, saliency: dict[str, np.ndarray],
         arr = saliency[s.value]
         if arr.ndim <= s.axis or arr.shape[s.axis] != len(s.elems):
             continue
-        per_pos = np.moveaxis(arr.astype(np.float64), s.axis, 0).reshape(len(s.elems), -1).sum(axis=1)
+        per_pos = position_sums(arr, s.axis, 1)  # saliencies are |w * grad|: the abs is a no-op
         for u, v in zip(a.root[s.elems].tolist(), per_pos.tolist()):
             scores[u] += v
     return {u: float(scores.get(u, 0.0)) for u in a.units}
