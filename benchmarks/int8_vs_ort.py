@@ -6,7 +6,8 @@ no equalisation, every layer int8); onnxprune ``mse`` with every layer int8, the
 (layers slower in int8 than fp32 kept float, see ``quantization/latency.py``) and
 ``trained`` when PyTorch is installed; for RetinaFace also ``mse --relu`` (LeakyReLU made ReLU so ORT
 fuses it into the int8 convs) and ``slim --ratio 0.69`` + int8, with and without ``--relu``, and with
-``--finetune-steps 100`` (label-free distillation) when PyTorch is installed. Columns:
+``--finetune-steps 100`` (label-free distillation) when PyTorch is installed, and ``--relu`` without
+row tiling (``--no-tile``: the full-resolution float prefix run whole). ORT's rows are never tiled. Columns:
 worst-output SQNR and cosine on held-out calibration images, the task metric (detection AP@0.5
 vs fp32, embedding cosine, top-1 agreement), file size, and ONNX Runtime CPU latency (1 thread,
 median of interleaved runs) as a ratio to fp32 measured in the same run.
@@ -47,7 +48,7 @@ def _task(f: dict) -> str:
 def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool) -> None:
     variants: list[tuple[str, onnx.ModelProto, dict | None]] = [("fp32", model, None)]
     for th in ("ort-minmax", "ort-percentile", "ort-entropy"):
-        r = quantize(model, data, thresholds=th, equalize_ranges=False, float_slow_layers=False)
+        r = quantize(model, data, thresholds=th, equalize_ranges=False, float_slow_layers=False, tile=False)
         variants.append((f"ORT {th[4:]}", r.model, r.report.fidelity))
     r = quantize(model, data, thresholds="mse", float_slow_layers=False)
     variants.append(("mse, all int8", r.model, r.report.fidelity))
@@ -69,6 +70,8 @@ def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool)
         variants.append(("slim 0.69 + int8", q.model, None))
         q = quantize(s.model, data, thresholds="mse", holdout=0.5, relu=True)
         variants.append(("  + --relu", q.model, None))
+        q = quantize(s.model, data, thresholds="mse", holdout=0.5, relu=True, tile=False)
+        variants.append(("  + --relu --no-tile", q.model, None))
         if importlib.util.find_spec("torch"):  # label-free distillation from the original (100 steps)
             s = onnxprune.slim(model, 0.69, calibration=data, holdout=0.5, finetune_steps=100)
             q = quantize(s.model, data, thresholds="mse", holdout=0.5, relu=True)
@@ -79,13 +82,13 @@ def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool)
     times = interleaved_times(list(sessions.values()), {inp: x}, rounds, warmup=3)
     med = {n: float(np.median(times[:, i])) / 1e3 for i, n in enumerate(sessions)}  # seconds
     print(f"\n== {name}: fp32 {med['fp32'] * 1e3:.2f} ms (median of {rounds}, 1 thread); fidelity on held-out images")
-    print(f"{'variant':18s} {'worst SQNR':>10s} {'cosine':>7s} {'task':>11s} {'size MB':>8s} {'latency':>8s} {'speed-up':>8s}")
+    print(f"{'variant':22s} {'worst SQNR':>10s} {'cosine':>7s} {'task':>11s} {'size MB':>8s} {'latency':>8s} {'speed-up':>8s}")
     for n, m, f in variants:
         if f is None and n != "fp32":  # end-to-end fidelity of slim+int8 against the original fp32
             f = _fidelity_vs(model, m, data)
         sq = min((o["sqnr_db"] for o in f["outputs"]), default=float("inf")) if f else float("inf")
         cos = min((o["cosine"] for o in f["outputs"]), default=1.0) if f else 1.0
-        print(f"{n:18s} {sq:10.1f} {cos:7.4f} {_task(f) if f else '-':>11s} {m.ByteSize() / 1e6:8.2f} "
+        print(f"{n:22s} {sq:10.1f} {cos:7.4f} {_task(f) if f else '-':>11s} {m.ByteSize() / 1e6:8.2f} "
               f"{med[n] / med['fp32']:8.3f} {med['fp32'] / med[n]:7.2f}x", flush=True)
 
 

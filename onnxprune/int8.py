@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -18,11 +19,13 @@ from .errors import ConfigError
 from .fidelity import TASKS
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
+from .graph.runtime import run_all, session
 from .graph.shapes import representative_shapes
 from .graph.skeleton import skeleton
 from .passes import equalize
 from .passes.reconstruct import reconstruct
 from .passes.relu_activations import fusable_activations, relu_activations
+from .passes.tile_rows import tile_rows
 from .pipeline import prepare
 from .progress import Progress, log_progress
 from .quantization.qdq import check_float32
@@ -56,6 +59,7 @@ class QuantizeReport:
     seconds: float = 0.0
     layer_errors: list[dict] = field(default_factory=list)  # per quantized tensor, see quantization/layer_error.py
     relu_replaced: list[str] = field(default_factory=list)  # LeakyRelu/PRelu nodes made Relu (``relu=True``)
+    tiled: dict | None = None  # the float prefix run in row strips (``tile=True``): nodes, strips
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": 1, "kind": "quantize", **asdict(self)}
@@ -141,6 +145,35 @@ def _relu(graph: ir.Model, exclude: Sequence[str], float_slow_layers: bool, spli
         f"{len(fits.layers)} layers after them refitted; the fidelity above includes this change"] + notes
 
 
+# Tiled and untiled models run the same arithmetic on the same rows; allow float reassociation only.
+TILE_TOLERANCE = 1e-4
+
+
+def _tile(quantized: onnx.ModelProto, split: CalibrationSplit, shape) -> tuple[onnx.ModelProto, dict | None, str]:
+    """``quantized`` with its high-resolution prefix in row strips, if that reproduces its outputs.
+
+    Checked on a calibration batch against the untiled model: a rewrite that changed the outputs
+    would be a bug, and the untiled model is kept (with a note) rather than shipped.
+    """
+    tiled, record = tile_rows(ir.from_proto(quantized), shape)
+    if not record.tiled:
+        return quantized, None, f"row tiling: nothing tiled ({record.reason})"
+    proto = ir.to_proto(tiled)
+    weights = {t.name for t in proto.graph.initializer}  # onnx-ir writes value_info for initializers too
+    kept = [v for v in proto.graph.value_info if v.name not in weights]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(kept)
+    feed = split.batches[:1]
+    want, got = run_all(session(quantized), split.input_name, feed), run_all(session(proto), split.input_name, feed)
+    for w, g in zip(want, got):
+        scale = float(np.abs(w).max()) if w.size else 0.0
+        if w.shape != g.shape or float(np.abs(w.astype(np.float64) - g).max(initial=0.0)) > TILE_TOLERANCE * max(scale, 1.0):
+            return quantized, None, "row tiling changed the outputs; left untiled (please report this model)"
+    return proto, {"nodes": record.nodes, "strips": record.strips}, (
+        f"row tiling: the first {len(record.nodes)} nodes (the full-resolution layers) run in {record.strips} strips "
+        "of rows that fit in the CPU cache; outputs unchanged")
+
+
 def most_harmful_layer(float_model: onnx.ModelProto, rows: Sequence[LayerError],
                        skip: Sequence[str] = ()) -> str | None:
     """The quantized Conv/Gemm/MatMul whose output error grows most over its inputs' error.
@@ -155,7 +188,8 @@ def most_harmful_layer(float_model: onnx.ModelProto, rows: Sequence[LayerError],
 def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str = DEFAULT_THRESHOLDS,
              per_channel: bool = True, exclude: Sequence[str] = (), holdout: float = 0.25, task: str = "auto",
              equalize_ranges: bool = True, max_drop: float | None = None, max_float_layers: int = 8,
-             float_slow_layers: bool = True, relu: bool = False, progress: Progress | None = None) -> QuantizeResult:
+             float_slow_layers: bool = True, relu: bool = False, tile: bool = True,
+             progress: Progress | None = None) -> QuantizeResult:
     """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``.
 
     Before quantization, BatchNorm is folded and channel ranges are equalised across layers
@@ -167,6 +201,8 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     ``relu`` trades fidelity for speed: LeakyRelu/PRelu after int8 convs become ReLU, which ORT
     fuses into the conv, and the layers reading them are refitted on the calibration samples
     (``passes/relu_activations.py``); the reported fidelity includes that change.
+    ``tile`` runs the full-resolution layers of the result in strips of rows (``passes/tile_rows.py``):
+    the same outputs, faster where those layers are bound by memory traffic (detector stems).
     """
     start = time.perf_counter()
     if thresholds not in THRESHOLDS:
@@ -240,6 +276,11 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept_float)} layer(s) kept in float"
                      + ("" if drop <= max_drop else " (target not reached)"))
     excluded = excluded + kept_float
+    tiled = None
+    if tile:
+        say("row tiling")
+        quantized, tiled, tile_note = _tile(quantized, split, shapes.get(split.input_name))
+        notes.append(tile_note)
     say("verifying the output model")
     verify(original, quantized, shapes)
     report = QuantizeReport(
@@ -248,5 +289,6 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         size_after=quantized.ByteSize(), kernels=int8_kernels(quantized), excluded=excluded,
         ranges=len(record.ranges), fidelity=fidelity.to_dict() if fidelity else None,
         fidelity_summary=fidelity.summary() if fidelity else "", notes=notes + record.notes,
-        seconds=time.perf_counter() - start, layer_errors=[r.to_dict() for r in rows], relu_replaced=replaced)
+        seconds=time.perf_counter() - start, layer_errors=[r.to_dict() for r in rows], relu_replaced=replaced,
+        tiled=tiled)
     return QuantizeResult(quantized, report, split.preview)
