@@ -158,16 +158,12 @@ def _tile(quantized: onnx.ModelProto, split: CalibrationSplit, shape) -> tuple[o
     tiled, record = tile_rows(ir.from_proto(quantized), shape)
     if not record.tiled:
         return quantized, None, f"row tiling: nothing tiled ({record.reason})"
-    proto = ir.to_proto(tiled)
-    weights = {t.name for t in proto.graph.initializer}  # onnx-ir writes value_info for initializers too
-    kept = [v for v in proto.graph.value_info if v.name not in weights]
-    del proto.graph.value_info[:]
-    proto.graph.value_info.extend(kept)
+    proto = restore_interface(ir.to_proto(tiled), quantized)  # onnx-ir also writes value_info for initializers
     feed = split.batches[:1]
     want, got = run_all(session(quantized), split.input_name, feed), run_all(session(proto), split.input_name, feed)
     for w, g in zip(want, got):
-        scale = float(np.abs(w).max()) if w.size else 0.0
-        if w.shape != g.shape or float(np.abs(w.astype(np.float64) - g).max(initial=0.0)) > TILE_TOLERANCE * max(scale, 1.0):
+        scale = max(float(np.abs(w).max(initial=0.0)), 1.0)
+        if w.shape != g.shape or float(np.abs(w.astype(np.float64) - g).max(initial=0.0)) > TILE_TOLERANCE * scale:
             return quantized, None, "row tiling changed the outputs; left untiled (please report this model)"
     return proto, {"nodes": record.nodes, "strips": record.strips}, (
         f"row tiling: the first {len(record.nodes)} nodes (the full-resolution layers) run in {record.strips} strips "
