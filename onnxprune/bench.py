@@ -24,6 +24,7 @@ from .errors import ConfigError, ModelLoadError
 from .graph.io import ModelLike, load_proto
 from .graph.metrics import ModelCost, model_cost
 from .graph.shapes import Shape, random_inputs, representative_shapes
+from .memory import KEPT_NOTE, UNAVAILABLE_NOTE, RssMeter
 from .progress import Progress, log_progress
 from .quantization.qdq import is_int8_kernel
 from .report import SCHEMA_VERSION, _big, dims_text, shape_text, short_name
@@ -48,7 +49,7 @@ class BenchRow:
     macs: int
     int8_nodes: int  # QLinear* / *Integer ops in ORT's optimised graph
     float_nodes: int  # float Conv/Gemm/MatMul (and their fused forms) in ORT's optimised graph
-    peak_mem_mb: float  # peak RSS growth over session creation + first run
+    peak_mem_mb: float | None  # peak RSS growth over session creation + first run (None: not measurable here)
     min_ms: float
     median_ms: float
     p90_ms: float
@@ -89,7 +90,7 @@ class BenchReport:
                 ns = "—" if r.netscore is None else f"{r.netscore:.1f}"
                 lines.append(f"{names[r.model]:{width}s}  {shape:>14s}  {r.min_ms:8.3f} {r.median_ms:8.3f} "
                              f"{r.p90_ms:8.3f} {r.throughput:8.1f}  {vs:>14s}  {_big(r.params):>9s} "
-                             f"{_big(r.macs):>9s} {f'{r.int8_nodes}/{r.float_nodes}':>10s} {r.peak_mem_mb:7.1f} "
+                             f"{_big(r.macs):>9s} {f'{r.int8_nodes}/{r.float_nodes}':>10s} {_mem(r.peak_mem_mb):>7s} "
                              f"{_bytes(r.file_bytes):>8s} {ns:>8s}")
         if any(r.speedup is not None for r in self.rows):
             lines.append("vs first: median per-round speed-up over the first model (±half the IQR of the ratios)")
@@ -136,6 +137,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
     first = _session(sources[0] or protos[0], providers[0], 1, None, labels[0])
     _run(first, random_inputs(first, shape_sets[0], np.random.default_rng(seed)), labels[0])
     del first
+    mem_kinds: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
         node_counts: dict[tuple[int, str], tuple[int, int]] = {}
         for provider in providers:
@@ -146,12 +148,14 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                         opt_path = None
                         if (i, provider) not in node_counts:
                             opt_path = str(Path(tmp) / f"m{i}_{len(node_counts)}.onnx")
-                        before = _rss_reset_peak()
+                        sess = None  # else the last configuration's last session is freed inside the block
+                        meter = RssMeter()
                         sess = _session(sources[i] or proto, provider, int(n_threads), opt_path, labels[i])
                         if feeds is None:  # the same inputs for every model
                             feeds = random_inputs(sess, shapes, np.random.default_rng(seed))
                         _run(sess, feeds, labels[i])
-                        mems.append(max(0, _rss_peak() - before) / 2**20)
+                        mems.append(_grown_mb(meter, feeds if i == 0 else None))  # model 0's block made the feeds
+                        mem_kinds.add(meter.kind)
                         sessions.append(sess)
                         if opt_path is not None:
                             node_counts[(i, provider)] = _count_nodes(opt_path)
@@ -165,7 +169,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                             model=labels[i], provider=provider, threads=int(n_threads),
                             input_shapes={n: list(s) for n, s in shapes.items()}, file_bytes=sizes[i],
                             params=cost.params, macs=cost.macs, int8_nodes=node_counts[(i, provider)][0],
-                            float_nodes=node_counts[(i, provider)][1], peak_mem_mb=round(mems[i], 2),
+                            float_nodes=node_counts[(i, provider)][1], peak_mem_mb=mems[i],
                             min_ms=float(t.min()), median_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
                             throughput=float(batch * 1000.0 / np.median(t)),
                             netscore=netscore(accuracy[i], cost.params, cost.macs) if i in accuracy else None)
@@ -175,6 +179,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                             row.speedup = float(np.median(times[:, 0] / t))
                         rows.append(row)
                     del sessions
+    notes += [KEPT_NOTE] * ("kept" in mem_kinds) + [UNAVAILABLE_NOTE] * ("unavailable" in mem_kinds)
     return BenchReport(rows, notes, runs, warmup)
 
 
@@ -278,35 +283,18 @@ def _labels(models: Sequence[ModelLike]) -> list[str]:
     return [l if labels.count(l) == 1 else f"{l}#{i}" for i, l in enumerate(labels)]
 
 
-def _rss_reset_peak() -> int:
-    """Current RSS in bytes, after resetting the kernel's peak-RSS mark (so the peak seen next is ours)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    return _rss()
+def _grown_mb(meter: RssMeter, feeds: Mapping[str, np.ndarray] | None) -> float | None:
+    """The block's RSS growth in MiB, less the benchmark's own input arrays made inside it."""
+    grown = meter.growth()
+    if grown is None:
+        return None
+    made = sum(np.asarray(v).nbytes for v in feeds.values()) if feeds else 0
+    return round(max(0, grown - made) / 2**20, 2)
 
 
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss_peak() -> int:
-    """Peak RSS since the last reset (VmHWM), or the current RSS where the kernel gives no peak."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return max(int(line.split()[1]) * 1024, _rss())
-    except (OSError, ValueError):
-        pass
-    return _rss()
+def _mem(mb: float | None) -> str:
+    """Memory cell: n/a when not measurable; two decimals below 0.1 MiB so small never reads as 0.0."""
+    return "n/a" if mb is None else f"{mb:.1f}" if mb >= 0.1 or mb == 0 else f"{mb:.2f}"
 
 
 def _bytes(n: int) -> str:

@@ -26,7 +26,7 @@ from .graph.io import ModelLike, load_proto
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .progress import Progress
 from .report import SCHEMA_VERSION, shape_text
-from .graph.runtime import session
+from .graph.runtime import check_batch, session
 from .verify import interface
 
 # Direction of each threshold, for people reading the report.
@@ -218,6 +218,7 @@ def _fidelity(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Infere
     """(metric, what it is, full report) on every calibration sample; metric None if the candidate broke."""
     shapes = {i.name: tuple(d if isinstance(d, int) else 1 for d in i.shape) for i in ref_sess.get_inputs()}
     split = CalibrationSplit.split(calibration, 1.0, shapes)  # every sample is measured
+    check_batch(orig, split.input_name)  # a batch fixed to 1 runs sample by sample; N > 1 is refused
     wanted = "outputs" if task == "auto" else task
     try:
         ref_sess.run(None, {split.input_name: calibration.batches[0][:1]})

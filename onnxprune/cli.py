@@ -15,7 +15,8 @@ from . import __version__
 from .errors import ConfigError, OnnxPruneError
 from .executors import EXECUTORS, make_executor
 from .calibration import PRESETS, Preprocess, load_calibration, load_identities, parse_floats, parse_size
-from .calibration.split import CalibrationSplit
+from .calibration.presets import infer_preset, preset_help
+from .calibration.split import CalibrationSplit, check_task
 from .fidelity import TASKS
 from .graph.io import check_writable, load_proto, write_text_atomic
 from .graph.shapes import parse_input_shape
@@ -45,8 +46,14 @@ def _model_arg(spec: str) -> str:
 
 
 def _default_output(model: str, suffix: str = ".slim.onnx") -> Path:
+    """IN.slim.onnx next to the input; for a sample model (kept in the hidden model cache, see
+    ``_model_arg``) in the working directory instead, as an absolute path the summary shows."""
+    from .sample_models import default_cache_dir
     p = Path(model)
-    return p.with_name(p.stem + suffix) if p.suffix == ".onnx" else p.with_name(p.name + suffix)
+    name = p.stem + suffix if p.suffix == ".onnx" else p.name + suffix
+    if p.resolve().parent == default_cache_dir().resolve():
+        return Path.cwd() / name
+    return p.with_name(name)
 
 
 def _shapes(specs: Sequence[str] | None) -> dict[str, tuple[int, ...]]:
@@ -62,31 +69,60 @@ def _ratio(text: str) -> float:
 
 
 def _calibration(args: argparse.Namespace, model: str, progress: ConsoleProgress):
-    """Load --calib with the preprocessing options, or None; options without --calib are an error."""
+    """Load --calib with the preprocessing options, or None; options without --calib are an error.
+
+    The task (``--task``, or the one guessed) is checked on one sample here, before any expensive work.
+    """
     given = {k: getattr(args, k) for k in ("preset", "size", "mean", "std", "channel_order", "layout", "resize")
              if getattr(args, k) is not None}
     if args.calib is None:
         if given:
             raise ConfigError(f"--{next(iter(given)).replace('_', '-')} only applies with --calib")
         return None
-    pre = None
-    if given.keys() - {"preset"}:
-        from dataclasses import replace
-        base = PRESETS[args.preset] if args.preset else Preprocess()
-        fields = {}
-        if args.size:
-            fields["size"] = parse_size(args.size)
-        if args.mean:
-            fields["mean"] = parse_floats(args.mean)
-        if args.std:
-            fields["std"] = parse_floats(args.std)
-        for k in ("channel_order", "layout", "resize"):
-            if getattr(args, k):
-                fields[k] = getattr(args, k)
-        pre = replace(base, **fields)
+    proto = load_proto(model)
     progress("loading calibration data")
-    return load_calibration(args.calib, load_proto(model), count=args.calib_count, seed=args.seed,
-                            preprocess=pre, preset=None if pre is not None else args.preset, progress=progress)
+    data = load_calibration(args.calib, proto, count=args.calib_count, seed=args.seed,
+                            preprocess=_explicit_preprocess(args, proto, given),
+                            preset=args.preset if given.keys() == {"preset"} else None, progress=progress)
+    check_task(proto, data, args.task)
+    progress.done()
+    if not args.quiet:
+        for note in data.notes:
+            print(f"onnxprune: note: {note}", file=sys.stderr)
+    return data
+
+
+def _explicit_preprocess(args: argparse.Namespace, proto, given: dict) -> Preprocess | None:
+    """--size/--mean/... over the preset (given or inferred from the model); None when only a preset is given."""
+    if not given.keys() - {"preset"}:
+        return None
+    from dataclasses import replace
+    inferred = None if args.preset else infer_preset(proto)
+    base = PRESETS[args.preset] if args.preset else (inferred.preprocess() if inferred else Preprocess())
+    fields: dict = {}
+    if args.size:
+        fields["size"] = parse_size(args.size)
+    if args.mean:
+        fields["mean"] = parse_floats(args.mean)
+    if args.std:
+        fields["std"] = parse_floats(args.std)
+    for k in ("channel_order", "layout", "resize"):
+        if getattr(args, k):
+            fields[k] = getattr(args, k)
+    return replace(base, **fields)
+
+
+class _PresetAction(argparse.Action):
+    """``--preset NAME``, or ``--preset help``: print the presets and exit."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values == "help":
+            print(preset_help())
+            parser.exit(0)
+        if values not in PRESETS:
+            parser.error(f"argument --preset: unknown preset {values!r} (choose from {', '.join(PRESETS)}, "
+                         "or help)")
+        setattr(namespace, self.dest, values)
 
 
 RELU_HELP = ("make LeakyRelu/PRelu after int8 convs ReLU, which ORT fuses into the conv (faster on CPU; changes the "
@@ -120,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calib", metavar="PATH", help="folder of images (jpg/png/bmp), one image, or .npy/.npz in the model's input format")
     cal.add_argument("--calib-count", type=int, default=64, metavar="N", help="samples to use (default 64)")
     cal.add_argument("--seed", type=int, default=0, help="which images are picked, deterministically (default 0)")
-    cal.add_argument("--preset", choices=sorted(PRESETS), help="preprocessing of a face-model family")
+    cal.add_argument("--preset", action=_PresetAction, metavar="NAME",
+                     help="preprocessing of a face-model family (default: inferred from the model); "
+                          "`--preset help` lists them")
     cal.add_argument("--size", metavar="HxW", help="image size fed to the model (default: preset or model input)")
     cal.add_argument("--mean", metavar="A,B,C", help="per-channel mean subtracted (in --channel-order)")
     cal.add_argument("--std", metavar="A,B,C", help="per-channel divisor")
@@ -137,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slim", parents=[common, calib], help="remove channels to shrink a model",
                        description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
     p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
-    p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
+    p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input; for sample:NAME, in the "
+                        "working directory)")
     p.add_argument("--criterion", default=None,
                    help=f"channel importance (default {DEFAULT_CRITERION}, or {CALIBRATED_CRITERION} with --calib). {crit}")
     p.add_argument("--round-to", type=int, default=DEFAULT_ROUND_TO, metavar="N",
@@ -165,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write an int8 QDQ model (ONNX Runtime's quantizer) with activation ranges chosen "
                                    "on calibration data: mse (default), minmax, percentile, trained (PyTorch), "
                                    "or ORT's own calibrators (ort-minmax, ort-percentile, ort-entropy).")
-    q.add_argument("-o", "--output", help="output path (default: IN.int8.onnx next to the input)")
+    q.add_argument("-o", "--output", help="output path (default: IN.int8.onnx next to the input; for sample:NAME, in the "
+                        "working directory)")
     q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
     q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
@@ -211,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Every (model, ratio, criterion, int8) point: compress, measure fidelity on held-out "
                                    "calibration samples and latency against the original; table (JSON + CSV) and "
                                    "Pareto frontier. Re-running with the same arguments resumes: complete points are "
-                                   "reused.")
+                                   "reused. Exit status: 0 when every point has a result; 1 when a point failed (one "
+                                   "`onnxprune: error: point ...` line each, after all results are written); 2 on a "
+                                   "usage or input error.")
     w.add_argument("models", nargs="+", help=".onnx files or sample:NAME")
     w.add_argument("--ratios", required=True, metavar="R,R,...", help="shares of parameters to remove, e.g. 0.3,0.5,0.69")
     w.add_argument("--criteria", metavar="C,C,...", help=f"channel criteria (default: {CALIBRATED_CRITERION}). {crit}")
@@ -251,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "check":
             report, code = _check(args, progress)
         elif args.command == "sweep":
-            report = _sweep(args, progress)
+            report, code = _sweep(args, progress)
         elif args.command == "analyze":
             report = analyze(_model_arg(args.model), input_shapes=_shapes(args.input_shape), exclude=args.exclude,
                              simplify=not args.no_simplify, progress=progress)
@@ -270,10 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress.done()
     if not args.quiet:
         print(report.summary())
+    for failure in getattr(report, "failures", ()) if args.command == "sweep" else ():
+        print(f"onnxprune: error: {failure}", file=sys.stderr)
     return code
 
 
 def _sweep(args: argparse.Namespace, progress: ConsoleProgress):
+    """Run the sweep: (result, exit status). Status 1 when a point failed (as `check` when a threshold
+    fails; 2 stays for usage and input errors): main() prints one ``onnxprune: error: point ...`` line
+    per failed point after the table, so a CI step does not pass a sweep whose points failed."""
     from .sweep import SweepOptions, sweep
     if args.json:
         check_writable(args.json)
@@ -296,7 +343,7 @@ def _sweep(args: argparse.Namespace, progress: ConsoleProgress):
         result = sweep(models, calibration, options, args.output or "sweep", executor=ex, progress=progress)
     if args.report:
         _write_report(result, args.report, "", args.quiet)
-    return result
+    return result, result.exit_code
 
 
 def _bench(args: argparse.Namespace, progress: ConsoleProgress):
@@ -330,16 +377,25 @@ def _accuracy(text: str | None, n_models: int) -> dict[int, float]:
 
 
 def _write_report(report, directory: str, preview: str, quiet: bool) -> None:
-    """report.html (always self-contained) and the PNG charts; without matplotlib, one note instead."""
+    """report.html (always self-contained) and the PNG charts, then one stderr line naming the page
+    (without matplotlib, the note saying the PNGs were skipped is that line)."""
     from .html_report import write_report
     from .plots import MISSING_NOTE, write_charts
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OnnxPruneError(f"cannot create the report directory {directory}: {exc.strerror or exc}") from None
-    if write_charts(report, directory, preview) is None and not quiet:
-        print(f"onnxprune: note: {MISSING_NOTE}", file=sys.stderr)
-    write_report(report, directory, preview)
+    charts = write_charts(report, directory, preview)
+    page = write_report(report, directory, preview)
+    if quiet:
+        return
+    clear = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress stage line left open
+    if charts is None and "report.html" in MISSING_NOTE:  # "...: wrote report.html (inline charts) without PNG..."
+        print(f"{clear}onnxprune: note: {MISSING_NOTE.replace('report.html', str(page), 1)}", file=sys.stderr)
+        return
+    if charts is None:
+        print(f"{clear}onnxprune: note: {MISSING_NOTE}", file=sys.stderr)
+    print(f"{clear}onnxprune: wrote {page}", file=sys.stderr)
 
 
 def _check(args: argparse.Namespace, progress: ConsoleProgress):

@@ -21,7 +21,10 @@ import logging
 import multiprocessing
 import os
 import pickle
+import re
+import shutil
 import sys
+import tempfile
 import traceback
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -234,6 +237,14 @@ class RayExecutor(TaskExecutor):
     task is re-run when its worker dies; a job that raises is not retried (it would raise again).
     Timing jobs run one at a time on the driver's node, each reserving every CPU of that node, so
     no other Ray task shares the machine while a latency is measured.
+
+    Workers import the *installed* onnxprune. By default Ray puts the driver's working directory
+    (and its script's folder) first on every worker's ``sys.path``: run from a source checkout,
+    whose top-level ``onnxprune/`` folder lacks the subpackages the installer maps in (``passes``,
+    ``sample_models``), or from any folder holding a same-named package, workers would import that
+    instead and every job would fail. A Ray instance started here therefore gets an empty
+    ``working_dir``: Ray then adds neither path, and workers start in that empty folder. A Ray
+    instance the caller started already is used as it is.
     """
 
     name = "ray"
@@ -254,11 +265,15 @@ class RayExecutor(TaskExecutor):
                                       "logging_level": logging.WARNING}
             if address is None and workers:
                 kwargs["num_cpus"] = workers
+            empty = tempfile.mkdtemp(prefix="onnxprune-ray-")  # uploaded by ray.init, not needed after it
+            kwargs["runtime_env"] = {"working_dir": empty}  # workers off the driver's cwd: see the class docstring
             try:
                 ray.init(**kwargs)
             except (ConnectionError, ValueError, RuntimeError) as exc:
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise ConfigError(f"cannot start or join {where}: {_describe(exc)}") from None
+            finally:
+                shutil.rmtree(empty, ignore_errors=True)
             self._started = True
         self.workers = int(ray.cluster_resources().get("CPU", 1))
         self.retries = retries
@@ -289,8 +304,8 @@ class RayExecutor(TaskExecutor):
     def _outcome(self, index: int, ref: Any) -> Outcome:
         try:
             return Outcome(index, *self._ray.get(ref))
-        except Exception as exc:  # the worker died more often than `retries`, or the task was cancelled
-            return Outcome(index, None, f"task failed: {_describe(exc)}")
+        except Exception as exc:  # the worker died more often than `retries`, could not import the job, or was cancelled
+            return Outcome(index, None, f"task failed: {_describe_remote(exc)}")
 
     def _put(self, shared: Any) -> Any:
         """One object-store copy per shared object, reused by later map/timing calls on it."""
@@ -303,6 +318,23 @@ class RayExecutor(TaskExecutor):
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
         self._started = False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: \S")
+
+
+def _describe_remote(exc: BaseException) -> str:
+    """One line for a Ray error: the worker's own exception when Ray wraps one with its traceback.
+
+    A job that cannot be unpickled on a worker (``ModuleNotFoundError`` while importing it or its
+    arguments) reaches the driver as a ``RayTaskError`` whose first line only names the task; the
+    last line of the worker's traceback says what went wrong.
+    """
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    if len(lines) > 1 and _EXCEPTION_LINE.match(lines[-1]):
+        return lines[-1]
+    return _describe(exc)
 
 
 def _reachable(address: str, timeout: float = 5.0) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .detection import (DetectionHeads, _iou_one, conf_is_softmaxed, decode_retinaface, decode_scrfd, nms,
+                        per_image, prior_boxes, recognize)
 from .errors import ConfigError
 
 __all__ = [
@@ -48,6 +50,8 @@ def output_fidelity(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], names:
         r64, g64 = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
         if r64.shape != g64.shape:
             raise ValueError(f"{name}: shape {np.shape(r)} vs {np.shape(g)}")
+        finite = np.isfinite(r64)  # where the reference itself overflows there is nothing to agree with
+        r64, g64 = r64[finite], np.nan_to_num(g64[finite], nan=0.0, posinf=0.0, neginf=0.0)
         nr, ng = float(np.linalg.norm(r64)), float(np.linalg.norm(g64))
         err = float(np.sum((r64 - g64) ** 2))
         if err == 0.0:  # exact copy: report exactly 1, not 1 +- rounding
@@ -57,123 +61,6 @@ def output_fidelity(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], names:
         sqnr = math.inf if err == 0.0 else (-math.inf if nr == 0.0 else 10.0 * math.log10(nr * nr / err))
         result.append(OutputFidelity(name, cos, sqnr))
     return result
-
-
-# ------------------------------------------------------------------------------------------------- boxes
-def _iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one [4] box with [K,4] boxes (x1,y1,x2,y2, continuous pixel coordinates, no +1)."""
-    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0.0, None)
-    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0.0, None)
-    inter = w * h
-    area = lambda b: np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)  # noqa: E731
-    union = area(box) + area(boxes) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS; indices kept, highest score first. Plain numpy so fidelity needs no torchvision."""
-    order = np.argsort(-scores, kind="stable")
-    keep: list[int] = []
-    while order.size:
-        i = int(order[0])
-        keep.append(i)
-        rest = order[1:]
-        order = rest[_iou_one(boxes[i], boxes[rest]) <= iou]
-    return np.asarray(keep, dtype=np.int64)
-
-
-def _select(boxes: np.ndarray, scores: np.ndarray, threshold: float, iou: float, top_k: int | None) -> np.ndarray:
-    """Threshold, NMS, cap: the shared tail of every detector decode; returns [K,5] float32."""
-    m = scores > threshold
-    boxes, scores = boxes[m], scores[m]
-    keep = nms(boxes, scores, iou)
-    if top_k is not None:
-        keep = keep[:top_k]
-    return np.concatenate([boxes[keep], scores[keep, None]], axis=1).astype(np.float32).reshape(-1, 5)
-
-
-# ------------------------------------------------------------------------------------------------ RetinaFace
-def prior_boxes(image_hw: tuple[int, int], min_sizes: Sequence[Sequence[int]] = ((16, 32), (64, 128), (256, 512)),
-                steps: Sequence[int] = (8, 16, 32)) -> np.ndarray:
-    """[P,4] (cx, cy, w, h) normalised anchors, in the exact order of Pytorch_Retinaface's PriorBox.
-
-    Why exact order matters: loc/conf rows are matched to anchors by position only, so any other
-    ordering decodes garbage that still looks like boxes.
-    """
-    h, w = image_hw
-    levels = []
-    for sizes, step in zip(min_sizes, steps):
-        fh, fw = math.ceil(h / step), math.ceil(w / step)
-        ii, jj = np.meshgrid(np.arange(fh), np.arange(fw), indexing="ij")
-        cx, cy = (jj + 0.5) * step / w, (ii + 0.5) * step / h
-        per_size = [np.stack([cx, cy, np.full_like(cx, s / w), np.full_like(cy, s / h)], -1) for s in sizes]
-        levels.append(np.stack(per_size, axis=2).reshape(-1, 4))  # (i, j) row-major, then min_sizes
-    return np.concatenate(levels).astype(np.float64)
-
-
-def conf_is_softmaxed(conf: np.ndarray, atol: float = 1e-3) -> bool:
-    """True if class scores already are probabilities (non-negative, rows sum to 1).
-
-    Why check: exports differ (Softmax folded into the graph at test time or not); guessing wrong
-    either double-softmaxes (compressing all scores towards 0.5..0.73) or thresholds logits.
-    """
-    c = np.asarray(conf)
-    return bool(c.size and c.min() >= -atol and np.allclose(c.sum(-1), 1.0, atol=atol))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def decode_retinaface(loc: np.ndarray, conf: np.ndarray, image_hw: tuple[int, int], *,
-                      min_sizes: Sequence[Sequence[int]] = ((16, 32), (64, 128), (256, 512)),
-                      steps: Sequence[int] = (8, 16, 32), variances: tuple[float, float] = (0.1, 0.2),
-                      score_threshold: float = 0.5, nms_iou: float = 0.4, top_k: int = 750) -> list[np.ndarray]:
-    """Per image [K,5] (x1,y1,x2,y2,score) pixel boxes from RetinaFace loc [N,P,4] / conf [N,P,2].
-
-    ``top_k`` caps the detections kept after NMS (Pytorch_Retinaface's keep_top_k).
-    """
-    loc, conf = np.asarray(loc, np.float64), np.asarray(conf, np.float64)
-    if loc.ndim == 2:
-        loc, conf = loc[None], conf[None]
-    priors = prior_boxes(image_hw, min_sizes, steps)
-    if loc.shape[1] != len(priors) or conf.shape[:2] != loc.shape[:2]:
-        raise ValueError(f"loc {loc.shape} / conf {conf.shape} do not match {len(priors)} priors for {image_hw}")
-    probs = conf if conf_is_softmaxed(conf) else _softmax(conf)
-    h, w = image_hw
-    scale = np.array([w, h, w, h], np.float64)
-    out = []
-    for l, p in zip(loc, probs):
-        centre = priors[:, :2] + l[:, :2] * variances[0] * priors[:, 2:]
-        size = priors[:, 2:] * np.exp(l[:, 2:] * variances[1])
-        boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1) * scale
-        out.append(_select(boxes, p[:, 1], score_threshold, nms_iou, top_k))
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------ SCRFD
-def decode_scrfd(outputs: dict[str, np.ndarray], image_hw: tuple[int, int], strides: Sequence[int] = (8, 16, 32),
-                 num_anchors: int = 2, score_threshold: float = 0.5, nms_iou: float = 0.4) -> list[np.ndarray]:
-    """Per image [K,5] boxes from SCRFD ``score_<s>`` [N,A,1] (sigmoid applied) and ``bbox_<s>`` [N,A,4]
-    (l,t,r,b distances in stride units from anchor centres (j*s, i*s), row-major, num_anchors each)."""
-    h, w = image_hw
-    per_level = []
-    for s in strides:
-        score, dist = np.asarray(outputs[f"score_{s}"], np.float64), np.asarray(outputs[f"bbox_{s}"], np.float64)
-        if score.ndim == 2:
-            score, dist = score[None], dist[None]
-        fh, fw = math.ceil(h / s), math.ceil(w / s)
-        ii, jj = np.meshgrid(np.arange(fh), np.arange(fw), indexing="ij")
-        centres = np.repeat(np.stack([jj, ii], -1).reshape(-1, 2) * s, num_anchors, axis=0).astype(np.float64)
-        if len(centres) != score.shape[1]:
-            raise ValueError(f"stride {s}: {score.shape[1]} rows, expected {len(centres)} for {image_hw}")
-        d = dist * s
-        boxes = np.concatenate([centres - d[..., :2], centres + d[..., 2:]], axis=-1)
-        per_level.append((boxes, score[..., 0]))
-    boxes = np.concatenate([b for b, _ in per_level], axis=1)
-    scores = np.concatenate([c for _, c in per_level], axis=1)
-    return [_select(b, c, score_threshold, nms_iou, None) for b, c in zip(boxes, scores)]
 
 
 # -------------------------------------------------------------------------------------------------------- AP
@@ -269,9 +156,17 @@ def top1_agreement(ref_logits: np.ndarray, got_logits: np.ndarray) -> float:
 
 
 # ------------------------------------------------------------------------------------------------------ report
+MIN_HELD_OUT = 8  # fewer held-out images than this: the fidelity figure is flagged as anecdotal
+
+
 @dataclass
 class FidelityReport:
-    """Everything measured for one reference/candidate pair; fields left None were not applicable."""
+    """Everything measured for one reference/candidate pair; fields left None were not applicable.
+
+    ``n_inputs`` counts images (samples fed to the model), never output rows. ``held_out`` is False
+    when there were too few samples to keep any out of fitting, so the figure is measured on the
+    samples that were fitted on and says little about unseen inputs.
+    """
 
     n_inputs: int = 0
     outputs: list[OutputFidelity] = field(default_factory=list)
@@ -281,6 +176,9 @@ class FidelityReport:
     verification_ref: dict[str, float] | None = None
     verification_got: dict[str, float] | None = None
     top1_agreement: float | None = None
+    task: str = "outputs"  # the metric used: detection, embedding, classification or outputs
+    heads: str = ""  # detection: which heads were recognised, from which outputs
+    held_out: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready apart from inf SQNR, which json writes as Infinity)."""
@@ -297,9 +195,21 @@ class FidelityReport:
             return "top-1 agreement", self.top1_agreement
         return "mean output cosine", float(np.mean([o.cosine for o in self.outputs])) if self.outputs else 1.0
 
+    @property
+    def caveat(self) -> str:
+        """Why the figure may not mean much, or ''."""
+        if not self.held_out:
+            return (f"measured on the {self.n_inputs} calibration images themselves (too few to hold any out): "
+                    f"it says little about unseen images; give --calib at least {2 * MIN_HELD_OUT} images")
+        if self.n_inputs < MIN_HELD_OUT:
+            return (f"only {self.n_inputs} held-out image{'s' if self.n_inputs != 1 else ''}: an anecdote, not a "
+                    f"measurement; give --calib more images (or raise --holdout) for at least {MIN_HELD_OUT}")
+        return ""
+
     def summary(self) -> str:
         """A few human lines; worst output first because that is the one to look at."""
-        lines = [f"fidelity on {self.n_inputs} inputs"]
+        unit = "image" if self.n_inputs == 1 else "images"
+        lines = [f"fidelity on {self.n_inputs} {unit} (task {self.task}{': ' + self.heads if self.heads else ''})"]
         if self.outputs:
             worst = min(self.outputs, key=lambda o: o.sqnr_db)
             lines.append("outputs: " + ", ".join(f"{o.name} cos={o.cosine:.5f} sqnr={o.sqnr_db:.1f}dB"
@@ -318,58 +228,78 @@ class FidelityReport:
                 lines.append(f"verification [{tag}]: acc {v['accuracy']:.4f}, auc {v['auc']:.4f}, {fn}")
         if self.top1_agreement is not None:
             lines.append(f"top-1 agreement: {self.top1_agreement:.4f}")
+        if self.caveat:
+            lines.append(f"caution: {self.caveat}")
         return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
 TASKS = ("auto", "detection", "embedding", "classification", "outputs")
+DETECTION_HELP = ("--task detection: no detector heads recognised among the outputs {shapes} at input size "
+                  "{hw} (known: RetinaFace loc/conf, UltraFace boxes/scores, SCRFD and YuNet per-stride heads); "
+                  "use --task outputs")
+
+
+MAX_LOGITS = 16  # a [N, D] output with D <= this and no softmax: class logits (gender, emotion, liveness)
+MIN_EMBEDDING = 64  # D >= this and no softmax: an embedding; in between (landmarks, 3DMM): plain outputs
 
 
 def guess_task(output_names: Sequence[str], outputs: Sequence[np.ndarray],
-               image_hw: tuple[int, int] | None = None) -> str:
-    """Detection (RetinaFace loc/conf or SCRFD score_*), embedding, classification, or plain outputs.
+               image_hw: tuple[int, int] | None = None, n_images: int | None = None) -> str:
+    """Detection (heads recognised by shape), embedding, classification, or plain outputs.
 
-    With ``image_hw``, loc/conf-shaped outputs count as RetinaFace only if their anchor count
-    matches its priors: other detectors (other anchor layouts) are compared output by output.
+    Without ``image_hw`` only RetinaFace-like loc [N,P,4] / conf [N,P,2] pairs count as detection.
     """
-    shapes = [np.asarray(o).shape for o in outputs]
-    if any(n.startswith("score_") for n in output_names) and any(n.startswith("bbox_") for n in output_names):
+    n = n_images if n_images is not None else (int(np.shape(outputs[0])[0]) if outputs else 0)
+    if image_hw is not None and recognize(output_names, outputs, image_hw, n) is not None:
         return "detection"
-    loc = [s for s in shapes if len(s) == 3 and s[-1] == 4]
-    if loc and any(len(s) == 3 and s[-1] == 2 for s in shapes):
-        if image_hw is None or loc[0][1] == len(prior_boxes(image_hw)):
+    shapes = [np.asarray(o).shape for o in outputs]
+    if image_hw is None:
+        loc = [s for s in shapes if len(s) == 3 and s[-1] == 4]
+        if loc and any(len(s) == 3 and s[-1] == 2 for s in shapes):
             return "detection"
-        return "outputs"
-    if len(outputs) == 1 and len(shapes[0]) == 2:
+    if len(outputs) == 1 and len(shapes[0]) == 2 and shapes[0][0] == n:
         probs = np.asarray(outputs[0])
-        if probs.shape[1] < 64 or (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)):
+        if probs.shape[1] <= MAX_LOGITS or (np.all(probs >= 0) and np.allclose(probs.sum(axis=1), 1, atol=1e-3)):
             return "classification"
-        return "embedding"
-    return "outputs"
+        if probs.shape[1] >= MIN_EMBEDDING:
+            return "embedding"
+    return "outputs"  # e.g. landmark or 3DMM regressors: [N, 62] has no argmax to agree on
+
+
+def resolve_task(task: str, names: Sequence[str], outputs: Sequence[np.ndarray], image_hw: tuple[int, int],
+                 n_images: int) -> tuple[str, DetectionHeads | None]:
+    """The task to measure (``auto`` guessed) and, for detection, the recognised heads.
+
+    Raises ConfigError when the task cannot be measured on these outputs, so callers can check it on
+    one sample before any expensive work.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    task = guess_task(names, outputs, image_hw, n_images) if task == "auto" else task
+    heads = recognize(names, outputs, image_hw, n_images) if task == "detection" else None
+    if task == "detection" and heads is None:
+        shapes = ", ".join(f"{n} {list(np.shape(o))}" for n, o in zip(names, outputs))
+        raise ConfigError(DETECTION_HELP.format(shapes=f"({shapes})", hw=f"{image_hw[0]}x{image_hw[1]}"))
+    if task in ("embedding", "classification") and not (len(outputs) >= 1 and np.ndim(outputs[0]) == 2):
+        raise ConfigError(f"--task {task} needs a first output of shape [N, D]; got "
+                          f"{list(np.shape(outputs[0])) if outputs else 'no output'}; use --task outputs")
+    return task, heads
 
 
 def evaluate(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], names: Sequence[str], image_hw: tuple[int, int],
-             task: str = "auto") -> FidelityReport:
-    """Compare a candidate's outputs with the reference's on the same (held-out) inputs."""
-    report = FidelityReport(n_inputs=int(np.asarray(ref[0]).shape[0]) if ref else 0,
-                            outputs=output_fidelity(ref, got, names))
-    task = guess_task(names, ref, image_hw) if task == "auto" else task
-    by_name_ref, by_name_got = dict(zip(names, ref)), dict(zip(names, got))
-    if task == "detection":
-        if any(n.startswith("score_") for n in names):
-            r = decode_scrfd(by_name_ref, image_hw)
-            g = decode_scrfd(by_name_got, image_hw)
-        else:
-            loc = next((n for n, o in by_name_ref.items() if o.ndim == 3 and o.shape[-1] == 4), None)
-            conf = next((n for n, o in by_name_ref.items() if o.ndim == 3 and o.shape[-1] == 2), None)
-            if loc is None or conf is None:
-                raise ConfigError("--task detection needs RetinaFace loc [N,P,4] / conf [N,P,2] or SCRFD "
-                                  "score_*/bbox_* outputs; use --task outputs")
-            try:
-                r = decode_retinaface(by_name_ref[loc], by_name_ref[conf], image_hw)
-            except ValueError as exc:  # another anchor layout than RetinaFace's
-                raise ConfigError(f"--task detection: {exc}; use --task outputs") from None
-            g = decode_retinaface(by_name_got[loc], by_name_got[conf], image_hw)
+             task: str = "auto", n_images: int | None = None) -> FidelityReport:
+    """Compare a candidate's outputs with the reference's on the same (held-out) inputs.
+
+    ``n_images`` is how many samples were fed (outputs without a batch axis are concatenated rows).
+    """
+    n = n_images if n_images is not None else (int(np.asarray(ref[0]).shape[0]) if ref else 0)
+    task, heads = resolve_task(task, names, ref, image_hw, n)
+    report = FidelityReport(n_inputs=n, outputs=output_fidelity(ref, got, names), task=task,
+                            heads=heads.describe() if heads is not None else "")
+    if heads is not None:
+        r = heads.decode(dict(zip(names, ref)), n)
+        g = heads.decode(dict(zip(names, got)), n)
         report.detection_ap = average_precision(r, g)
         report.detections = (sum(len(x) for x in r), sum(len(x) for x in g))
     elif task == "embedding":

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from .errors import ConfigError
 from .fidelity import TASKS, conf_is_softmaxed, guess_task
-from .graph.runtime import fixed_batch, pieces, run_all, session
+from .graph.runtime import pieces, run_all, session
 from .progress import Progress, log_progress
 
 BATCH = 8  # samples per step (CPU training of a face model: ~1 s a step)
@@ -42,13 +42,17 @@ def _torch():
     return torch
 
 
-def _run(module: Any, input_name: str, x: Any, one_by_one: bool) -> list[Any]:
-    torch = _torch()
-    if not one_by_one or x.shape[0] == 1:
-        return [o for o in module.run({input_name: x})[0] if o.dtype.is_floating_point]
-    parts = [[o for o in module.run({input_name: x[i:i + 1]})[0] if o.dtype.is_floating_point]
-             for i in range(x.shape[0])]
-    return [torch.cat(p) for p in zip(*parts)]
+def _run(module: Any, input_name: str, x: Any) -> list[Any]:
+    """The student's float outputs (a graph with its batch fixed to 1 runs sample by sample, in the bridge)."""
+    return [_per_sample(o, len(x)) for o in module.run({input_name: x})[0] if o.dtype.is_floating_point]
+
+
+def _per_sample(o: Any, n: int) -> Any:
+    """``o`` with one leading entry per sample: an output without a batch axis ([A, C], as a batch-1 export
+    that folds the batch into its rows gives, concatenated over samples: [n*A, C]) becomes [n, A, C]."""
+    if o.dim() and o.shape[0] != n and o.shape[0] % n == 0:
+        return o.reshape(n, o.shape[0] // n, *o.shape[1:])
+    return o
 
 
 def _is_image(x: np.ndarray) -> bool:
@@ -88,7 +92,7 @@ class _Teacher:
         torch = _torch()
         arr = x.detach().cpu().numpy().astype(np.float32, copy=False)
         outs = run_all(self.sess, self.input_name, pieces(self.model, [arr], self.input_name))
-        return [torch.from_numpy(outs[i]) for i in self.index]
+        return [_per_sample(torch.from_numpy(outs[i]), len(arr)) for i in self.index]
 
 
 class _Loss:
@@ -148,7 +152,6 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
     except NotImplementedError as exc:
         raise ConfigError(f"distillation cannot run this graph in PyTorch: {exc}") from None
     student.eval()
-    one_s = fixed_batch(pruned_proto, input_name)
     teacher = _Teacher(original, input_name)  # frozen: ONNX Runtime is several times faster than torch here
 
     data = np.concatenate([np.asarray(b) for b in batches]).astype(np.float32, copy=False)
@@ -165,7 +168,7 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
         with torch.no_grad():
             total, count = 0.0, 0
             for i in range(0, len(xs), BATCH):
-                out = _run(student, input_name, xs[i:i + BATCH], one_s)
+                out = _run(student, input_name, xs[i:i + BATCH])
                 n = min(BATCH, len(xs) - i)
                 total += float(loss_fn(out, [t[i:i + BATCH] for t in targets])) * n
                 count += n
@@ -189,7 +192,7 @@ def distill(original: onnx.ModelProto, pruned: ir.Model | onnx.ModelProto, input
             target = teacher(x)
         else:
             target = [t[torch.from_numpy(idx)] for t in targets]
-        loss = loss_fn(_run(student, input_name, x, one_s), target)
+        loss = loss_fn(_run(student, input_name, x), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,12 +14,12 @@ import onnx_ir as ir
 
 from .calibration import CalibrationSet
 from .calibration.activations import relu_gaps
-from .calibration.split import CalibrationSplit
+from .calibration.split import CalibrationSplit, check_task
 from .errors import ConfigError
 from .fidelity import TASKS
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
-from .graph.runtime import run_all, session
+from .graph.runtime import check_batch, pieces, run_all, session
 from .graph.shapes import representative_shapes
 from .graph.skeleton import skeleton
 from .passes import equalize
@@ -159,7 +159,7 @@ def _tile(quantized: onnx.ModelProto, split: CalibrationSplit, shape) -> tuple[o
     if not record.tiled:
         return quantized, None, f"row tiling: nothing tiled ({record.reason})"
     proto = restore_interface(ir.to_proto(tiled), quantized)  # onnx-ir also writes value_info for initializers
-    feed = split.batches[:1]
+    feed = pieces(quantized, split.batches[:1], split.input_name)
     want, got = run_all(session(quantized), split.input_name, feed), run_all(session(proto), split.input_name, feed)
     for w, g in zip(want, got):
         scale = max(float(np.abs(w).max(initial=0.0)), 1.0)
@@ -218,6 +218,8 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
             thresholds = "mse"
     shapes = representative_shapes(original)
     split = CalibrationSplit.split(calibration, holdout, shapes)
+    check_batch(original, split.input_name)  # a batch fixed to 1 runs sample by sample; N > 1 is refused
+    check_task(original, calibration, task)  # before any expensive work
     say("pre-processing for quantization")
     prep = prepare(original, simplify=True)  # BN folded, Identity removed: what equalisation needs
     graph = prep.model

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from .allocation import allocate
 from .calibration import CalibrationSet
-from .calibration.split import CalibrationSplit
+from .calibration.split import CalibrationSplit, check_task
 from .calibration.activations import consumer_moments
 from .fidelity import TASKS, FidelityReport
 from .passes.reconstruct import LayerFit, reconstruct
@@ -31,6 +31,7 @@ from .graph.interface import restore_interface
 from .graph.io import ModelLike, ModelSource, materialize, save_atomic
 from .graph.metrics import count_macs, count_params
 from .memory import release_memory
+from .graph.runtime import check_batch
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
 from .passes import cleanup, fold_batchnorm, remove_channels
 from .quantization.qdq import check_not_quantized
@@ -213,6 +214,8 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
     else:
         calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
+        check_batch(prep.model, calib.input_name)  # a batch fixed to 1 runs sample by sample; N > 1 is refused
+        check_task(prep.original, calibration, task)  # before any expensive work
         calib.identities = identities
         say(f"collecting activation statistics on {calib.count} samples")
         moments = consumer_moments(prep.model, analysis, calib.input_name, calib.batches)

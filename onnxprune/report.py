@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 SCHEMA_VERSION = 1
+IN_MEMORY = "<in-memory model>"  # the model name reports give a ModelProto passed without a path
 
 
 @dataclass
@@ -147,11 +148,28 @@ class SlimReport:
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
         if self.output_rel_error and not self.fidelity_summary:
-            worst = max(self.output_rel_error.items(), key=lambda kv: kv[1])
-            lines.append(f"output drift on a random input: max relative error {worst[1]:.3g} ({worst[0]})")
+            lines += drift_verdict(self.output_rel_error)
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"time: {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+DRIFT_SMALL, DRIFT_LARGE = 0.05, 0.3  # relative output change on a random input
+
+
+def drift_verdict(rel_error: dict[str, float]) -> list[str]:
+    """What the data-free output check means: the size of the change, a verdict, and what to do next."""
+    name, worst = max(rel_error.items(), key=lambda kv: kv[1])
+    if worst <= DRIFT_SMALL:
+        verdict = "small: the pruned model still computes nearly the same function"
+    elif worst <= DRIFT_LARGE:
+        verdict = "moderate: outputs moved noticeably; whether that matters depends on the task"
+    else:
+        verdict = "large: outputs changed as much as they are big; expect a visible loss of accuracy"
+    return [f"output change on a random input: {worst:.0%} of the output's size at {name!r} ({verdict})",
+            "  a random input only shows how far the outputs moved, not whether faces are still found; "
+            "run with --calib IMAGES to choose channels on real activations, refit the layers and measure "
+            "fidelity on held-out images"]
 
 
 @dataclass
@@ -161,6 +179,11 @@ class CombinedReport:
     slim: Any
     quantize: Any
     fidelity: Any = None  # FidelityReport of the int8 model against the original fp32 one (end to end)
+
+    def __post_init__(self) -> None:
+        # The quantizer was handed the pruned model in memory; both halves are about the user's input file.
+        if self.quantize.model == IN_MEMORY:
+            self.quantize.model = self.slim.model
 
     @property
     def output(self) -> str | None:

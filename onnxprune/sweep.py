@@ -9,6 +9,10 @@ Points are content-addressed (model hash + options), so an interrupted sweep re-
 arguments only does what is missing. Files appear atomically: ``model.onnx`` first, then
 ``compute.json`` (fidelity, size, params), then ``point.json`` (with latency): a point is complete
 when ``point.json`` exists and the model's hash matches it.
+
+A point that fails (its compression raises, its worker dies or cannot import onnxprune, its timing
+fails) does not stop the others: it is a ``failed`` row, listed in :attr:`SweepResult.failures`,
+and ``onnxprune sweep`` exits with status 1 after writing the good points' results.
 """
 
 from __future__ import annotations
@@ -130,6 +134,25 @@ class SweepRow:
     fidelity_detail: dict | None = None  # the full FidelityReport, as in slim's report (JSON only)
 
 
+@dataclass(frozen=True)
+class PointFailure:
+    """A point that has no result, and why (one line)."""
+
+    model: str
+    ratio: float
+    criterion: str
+    int8: bool
+    stage: str  # "compress" (slim, quantize, fidelity) or "timing"
+    reason: str  # one line: "TypeName: message" ("timing: TypeName: message" at the timing stage)
+
+    def __str__(self) -> str:
+        return (f"point {self.model} ratio={self.ratio:g} criterion={self.criterion} "
+                f"int8={'yes' if self.int8 else 'no'}: {self.reason}")
+
+
+_TIMING = "timing: "
+
+
 @dataclass
 class SweepResult:
     rows: list[SweepRow]
@@ -138,6 +161,28 @@ class SweepResult:
     outdir: str
     seconds: float
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[PointFailure]:
+        """The failed points, in row order; empty when every point has a result."""
+        out = []
+        for r in self.rows:
+            if r.status == "ok":
+                continue
+            error = " ".join((r.error or "unknown error").split())  # one line, whatever the job raised
+            stage = "timing" if error.startswith(_TIMING) else "compress"
+            out.append(PointFailure(r.model, r.ratio, r.criterion, r.int8, stage, error))
+        return out
+
+    @property
+    def ok(self) -> bool:
+        """Every point has a result."""
+        return all(r.status == "ok" for r in self.rows)
+
+    @property
+    def exit_code(self) -> int:
+        """``onnxprune sweep``'s status: 0 when every point has a result, 1 when one failed."""
+        return 0 if self.ok else 1
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "version": __version__, "kind": "sweep", "executor": self.executor, "workers": self.workers,
@@ -239,6 +284,8 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
     """Run (or resume) a sweep; returns the table with its Pareto frontier marked per model.
 
     ``calibration`` is one set for all models, or one per model (models with different inputs).
+    A point that fails is a ``failed`` row (see :attr:`SweepResult.failures`), not an exception;
+    bad input (options, an unreadable model) raises :class:`~onnxprune.errors.OnnxPruneError` first.
     """
     options.validate()
     if not models:
@@ -290,8 +337,8 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
         for n, o in enumerate(pool.imap(compute_point, [points[i] for i in todo_compute], inputs), 1):
             i = todo_compute[o.index]
             say(stage, n, len(todo_compute))
-            if not o.ok:
-                log.warning("sweep point %s failed: %s", points[i].label, o.error)
+            if not o.ok:  # reported in the result (SweepResult.failures), not as a warning besides it
+                log.info("sweep point %s failed: %s", points[i].label, o.error)
                 rows[i].status, rows[i].error = "failed", o.error
                 continue
             _store_compute(out / "points" / keys[i], o.value, points[i])
@@ -304,7 +351,8 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
                             progress=lambda d, n: say("timing, one point at a time", d, n))
         for i, o in zip(todo_time, timed):
             if not o.ok:
-                rows[i].status, rows[i].error = "failed", f"timing: {o.error}"
+                log.info("sweep point %s failed: timing: %s", points[i].label, o.error)
+                rows[i].status, rows[i].error = "failed", f"{_TIMING}{o.error}"
                 continue
             _fill(rows[i], o.value)
             _store_point(out / "points" / keys[i], rows[i])

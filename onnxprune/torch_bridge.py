@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from .graph.runtime import fixed_batch
+
 __all__ = ["OnnxModule", "to_torch", "write_back", "SUPPORTED_OPS"]
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -140,6 +142,9 @@ class OnnxModule(torch.nn.Module):
                 self._buffer_key[init.name] = key
         self.input_names = [i.name for i in graph.input if i.name not in init_names]
         self.output_names = [o.name for o in graph.output]
+        # Batch fixed to 1 (official detector exports): run() feeds such a graph one sample at a time,
+        # as ORT must be fed (graph/runtime.py ``pieces``); its Reshapes may bake the 1 in.
+        self.one_by_one = bool(self.input_names) and fixed_batch(proto, self.input_names[0])
         order = _topological(list(graph.node), set(init_names) | set(self.input_names))
         self.nodes = [_Node(n, i) for i, n in enumerate(order)]
         for n in self.nodes:
@@ -181,14 +186,30 @@ class OnnxModule(torch.nn.Module):
 
         ``transform`` rewrites named tensors as they are produced, graph inputs included (e.g. fake
         quantization of activations while thresholds are trained: ORT quantizes the input too).
+
+        A graph whose batch is fixed to 1 runs a batch sample by sample; outputs and captured tensors
+        are concatenated along axis 0 (as ``run_all`` does for ORT), so gradients flow as for a batch.
         """
-        transform = transform or {}
+        transform, capture = transform or {}, list(capture)
         if len(inputs) == 1 and isinstance(inputs[0], dict):
             feeds = inputs[0]
         else:
             if len(inputs) != len(self.input_names):
                 raise ValueError(f"expected {len(self.input_names)} inputs {self.input_names}, got {len(inputs)}")
             feeds = dict(zip(self.input_names, inputs))
+        first = feeds.get(self.input_names[0]) if self.input_names else None
+        n = len(first) if self.one_by_one and first is not None and getattr(first, "ndim", 0) else 1
+        if n > 1:
+            runs = [self._run({k: v[i:i + 1] if len(v) == n else v for k, v in feeds.items()}, capture, transform)
+                    for i in range(n)]
+            cat = lambda ts: torch.cat(ts) if ts[0].dim() else ts[0]  # noqa: E731  (0-d: no batch axis)
+            outputs = tuple(cat([r[0][k] for r in runs]) for k in range(len(self.output_names)))
+            return outputs, {name: cat([r[1][name] for r in runs]) for name in runs[0][1]}
+        return self._run(feeds, capture, transform)
+
+    def _run(self, feeds: Mapping[str, Any], capture: Iterable[str],
+             transform: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+             ) -> tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]:
         fdt = self.float_dtype
         env: dict[str, Any] = {}
         for name in self.input_names:

@@ -91,16 +91,19 @@ def test_seeded_selection_is_deterministic_and_split_disjoint(tmp_path: Path) ->
         _img(tmp_path / f"d{i % 3}" / f"{i}.jpg", 20 + i, 30 + 2 * i, (i * 20, 0, 0))
     (tmp_path / "notes.txt").write_text("not an image")
     model = _model(["N", 3, 16, 16])
-    a = load_calibration(tmp_path, model, count=6, seed=1)
-    b = load_calibration(tmp_path, model, count=6, seed=1)
-    c = load_calibration(tmp_path, model, count=6, seed=2)
+    with pytest.raises(ConfigError, match=r"cannot tell how input 'x' \[N, 3, 16, 16\].*--preset help") as err:
+        load_calibration(tmp_path, model, count=6, seed=1)  # no face-model layout: refused, never guessed
+    assert "\n" not in str(err.value)
+    pre = Preprocess(mean=(127.5,) * 3, std=(128.0,) * 3)
+    a = load_calibration(tmp_path, model, count=6, seed=1, preprocess=pre)
+    b = load_calibration(tmp_path, model, count=6, seed=1, preprocess=pre)
+    c = load_calibration(tmp_path, model, count=6, seed=2, preprocess=pre)
     assert a.files == b.files and np.array_equal(a.batches[0], b.batches[0]) and a.files != c.files
     assert len(a) == 6 and len(set(a.files)) == 6
-    assert a.notes and "guessed" in a.notes[0] and "--preset" in a.notes[0]
     calib, hold = a.split(0.5, seed=3)
     assert len(calib) == len(hold) == 3 and not set(calib.files) & set(hold.files)
     assert [f.shape[0] for f in a.iter_batches(4)] == [4, 2]
-    assert len(load_calibration(tmp_path, model, count=100).files) == 10
+    assert len(load_calibration(tmp_path, model, count=100, preprocess=pre).files) == 10
 
 
 def test_mismatches_are_one_line_config_errors(tmp_path: Path) -> None:
@@ -128,7 +131,7 @@ def test_bad_paths_counts_and_text(tmp_path: Path) -> None:
         load_calibration(tmp_path / "empty", model)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ConfigError, match="cannot read image"):
-        load_calibration(tmp_path / "broken.jpg", model)
+        load_calibration(tmp_path / "broken.jpg", model, preprocess=Preprocess())
     with pytest.raises(ConfigError, match="does not exist"):
         load_calibration(tmp_path / "missing", model)
     with pytest.raises(ConfigError, match="count must be positive"):

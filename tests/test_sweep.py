@@ -21,7 +21,7 @@ from onnxprune.calibration import CalibrationSet
 from onnxprune.cli import main
 from onnxprune.executors import LocalExecutor, make_executor
 from onnxprune.sample_models import load_sample
-from onnxprune.sweep import SweepOptions, SweepRow, mark_pareto, sweep
+from onnxprune.sweep import PointFailure, SweepOptions, SweepRow, mark_pareto, sweep
 
 # Fields that must not depend on where a job ran (latency does, and is checked elsewhere).
 DETERMINISTIC = ("model", "ratio", "criterion", "int8", "key", "status", "achieved_ratio", "params", "macs",
@@ -115,6 +115,11 @@ def test_failed_point_is_reported_and_the_rest_completes(setup, tmp_path: Path, 
     assert status[("l2", 0.5)] == ("failed", "RuntimeError: injected failure")
     assert status[("l2", 0.3)] == ("ok", None) and status[("activation", 0.3)] == ("ok", None)
     assert "FAILED: RuntimeError: injected failure" in result.summary()
+    # The Python API gives the failures as data, and the CLI's status.
+    assert result.failures == [PointFailure("se-block.onnx", 0.5, c, False, "compress", "RuntimeError: injected failure")
+                               for c in ("l2", "activation")]
+    assert str(result.failures[0]) == "point se-block.onnx ratio=0.5 criterion=l2 int8=no: RuntimeError: injected failure"
+    assert not result.ok and result.exit_code == 1
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "sweep.json").read_text()), schema)  # failed rows included
@@ -123,6 +128,73 @@ def test_failed_point_is_reported_and_the_rest_completes(setup, tmp_path: Path, 
     again = sweep([model], calib, OPTIONS, tmp_path, executor=LocalExecutor(1))
     assert [r.status for r in again.rows] == ["ok"] * 4
     assert [r.cached for r in again.rows] == [True, True, False, False]  # ratio-major order
+    assert again.failures == [] and again.ok and again.exit_code == 0
+
+
+def _nothing_to_prune(path: Path) -> None:
+    """A valid model with the sweep models' input, but no channel to remove: every point of it fails."""
+    from onnx import TensorProto, helper
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", 3, 32, 32]) for n in ("input", "output")]
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["output"], name="relu")], "relu", io[:1], io[1:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def test_cli_sweep_with_failed_points_exits_1_with_one_line_each(setup, tmp_path: Path, capsys) -> None:
+    model, _, npy = setup
+    broken = tmp_path / "relu-only.onnx"
+    _nothing_to_prune(broken)
+    out, table = tmp_path / "out", tmp_path / "table.json"
+    code = main(["sweep", str(model), str(broken), "--ratios", "0.3,0.5", "--criteria", "l2", "--calib", str(npy),
+                         "--workers", "1", "--runs", "3", "--round-to", "4", "-o", str(out), "--json", str(table)])
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("onnxprune: error:")]
+    assert len(errors) == 2, captured.err
+    for line, ratio in zip(errors, ("0.3", "0.5")):
+        assert line.startswith(f"onnxprune: error: point relu-only.onnx ratio={ratio} criterion=l2 int8=no: "
+                               "NothingToPruneError: "), line
+    assert "FAILED: NothingToPruneError" in captured.out  # the table is still printed
+    # The good points' results are written all the same: OUTDIR tables, --json, the compressed models.
+    for saved in (json.loads((out / "sweep.json").read_text()), json.loads(table.read_text())):
+        assert [(r["model"], r["status"]) for r in saved["rows"]] == [
+            ("se-block.onnx", "ok"), ("se-block.onnx", "ok"), ("relu-only.onnx", "failed"), ("relu-only.onnx", "failed")]
+    for r in json.loads(table.read_text())["rows"][:2]:
+        _valid(SweepRow(**{k: v for k, v in r.items() if k in SweepRow.__dataclass_fields__}), model)
+    # Every point good: status 0.
+    assert main(["sweep", str(model), "--ratios", "0.3", "--criteria", "l2", "--calib", str(npy), "--workers",
+                         "1", "--runs", "3", "--round-to", "4", "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_ray_workers_import_the_installed_package_not_the_working_directory(setup, tmp_path: Path,
+                                                                            monkeypatch) -> None:
+    # Run from a source checkout, the working directory holds an `onnxprune/` folder that is not the
+    # installed package (pyproject maps `passes/` into it only when installing). Ray puts the driver's
+    # working directory first on its workers' sys.path unless told otherwise: a decoy there stands for it.
+    pytest.importorskip("ray")
+    model, calib, _ = setup
+    checkout = tmp_path / "checkout"
+    (checkout / "onnxprune").mkdir(parents=True)
+    (checkout / "onnxprune" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'onnxprune.passes' (the decoy in the working directory)\")\n")
+    monkeypatch.chdir(checkout)
+    options = SweepOptions(ratios=(0.3,), criteria=("l2",), runs=3, round_to=4)
+    with make_executor("ray", workers=1) as ex:
+        result = sweep([model], calib, options, tmp_path / "out", executor=ex)
+    assert [(r.status, r.error) for r in result.rows] == [("ok", None)]
+    _valid(result.rows[0], model)
+
+
+def test_a_ray_task_that_cannot_import_reports_the_workers_exception() -> None:
+    from onnxprune.executors import _describe_remote
+    wrapped = RuntimeError("\x1b[36mray::_worker_call()\x1b[39m (pid=1, ip=10.0.0.1)\n  At least one of the input "
+                           "arguments for this task could not be computed:\nray.exceptions.RaySystemError: System "
+                           "error: No module named 'onnxprune.passes'\ntraceback: Traceback (most recent call last):\n"
+                           "  File \"x.py\", line 1, in <module>\nModuleNotFoundError: No module named 'onnxprune.passes'")
+    assert _describe_remote(wrapped) == "ModuleNotFoundError: No module named 'onnxprune.passes'"
+    assert _describe_remote(ValueError("worker died\nsee the logs")) == "ValueError: worker died"
 
 
 def _die_on_two(_shared, item: int) -> int:

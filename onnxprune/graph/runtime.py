@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from ..errors import ConfigError
 from .shapes import graph_inputs
 
 
@@ -58,8 +59,8 @@ def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, opt
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def fixed_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> bool:
-    """True when the input (the first real one by default) has its batch dim fixed to 1.
+def batch_size(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> int | None:
+    """The batch dim the input (the first real one by default) is fixed to; None if symbolic or unknown.
 
     Reads the graph's inputs only: an ir.Model is not serialised (that would copy every weight).
     """
@@ -70,20 +71,49 @@ def fixed_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None
         inputs = [(i.name, [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim])
                   for i in graph_inputs(model)]
     dims = next((d for n, d in inputs if n == input_name), None) if input_name else (inputs[0][1] if inputs else None)
-    return bool(dims) and isinstance(dims[0], int) and dims[0] == 1
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def fixed_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> bool:
+    """True when the input (the first real one by default) has its batch dim fixed to 1."""
+    return batch_size(model, input_name) == 1
+
+
+def check_batch(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> None:
+    """Refuse a batch fixed above 1: calibration batches are split into single samples, never regrouped."""
+    n = batch_size(model, input_name)
+    if n is not None and n > 1:
+        what = f"input {input_name!r}" if input_name else "the model's input"
+        raise ConfigError(f"{what} has its batch dimension fixed to {n}: calibration samples run in batches of "
+                          "any size or one at a time, so the model needs a dynamic batch or a batch of 1 "
+                          "(re-export it with either)")
 
 
 def pieces(model: onnx.ModelProto | ir.Model, batches: Iterable[np.ndarray], input_name: str | None = None
            ) -> list[np.ndarray]:
-    """``batches`` as the model can take them: split into single samples when its batch is fixed to 1."""
+    """``batches`` as the model can take them: split into single samples when its batch is fixed to 1.
+
+    Every stage that feeds calibration data to a model goes through this (ORT runs, with
+    :func:`run_all`) or through the torch bridge, which splits the same way (``OnnxModule.run``).
+    """
+    check_batch(model, input_name)
     one = fixed_batch(model, input_name)
     out: list[np.ndarray] = []
     for b in batches:
-        out.extend([b[i:i + 1] for i in range(len(b))] if one else [b])
+        out.extend([b[i:i + 1] for i in range(len(b))] if one and len(b) > 1 else [b])
     return out
 
 
 def run_all(sess: ort.InferenceSession, input_name: str, feeds: Sequence[np.ndarray]) -> list[np.ndarray]:
     """Every output over all ``feeds``, concatenated along the batch axis."""
     runs = [sess.run(None, {input_name: x}) for x in feeds]
+    return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]
+
+
+def run_rows(sess: ort.InferenceSession, feeds: Mapping[str, np.ndarray], one: bool) -> list[np.ndarray]:
+    """``sess.run(None, feeds)``; with ``one`` (batch fixed to 1) row by row of every feed, outputs concatenated."""
+    n = len(next(iter(feeds.values())))
+    if not one or n == 1:
+        return sess.run(None, dict(feeds))
+    runs = [sess.run(None, {k: v[i:i + 1] for k, v in feeds.items()}) for i in range(n)]
     return [np.concatenate([r[k] for r in runs]) for k in range(len(runs[0]))]

@@ -128,7 +128,17 @@ def compute_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np
     say("activation ranges: histogram pass")
     hists = R.histogram_pass(run, minmax)
     pick = R.mse_range if method == "mse" else R.percentile_range
-    return {n: pick(h) for n, h in hists.items()}
+    unbounded = {n: r for n, r in minmax.items() if n not in hists}  # inf/NaN seen: kept so they stay float
+    return {n: pick(h) for n, h in hists.items()} | unbounded
+
+
+def _finite(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]
+            ) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """(finite ranges, nodes that produce or read a tensor without one): int8 cannot represent inf, and
+    ORT would turn such a range into a NaN scale that poisons every output downstream."""
+    bad = {n for n, (lo, hi) in ranges.items() if not (np.isfinite(lo) and np.isfinite(hi))}
+    nodes = [n.name for n in model.graph.node if n.name and bad & (set(n.input) | set(n.output))]
+    return {n: r for n, r in ranges.items() if n not in bad}, nodes
 
 
 class _Reader:
@@ -161,6 +171,12 @@ def quantize_qdq(model: onnx.ModelProto, input_name: str, batches: Sequence[np.n
     else:
         if ranges is None:
             ranges = compute_ranges(model, input_name, batches, thresholds, progress)
+        ranges, unbounded = _finite(model, ranges)
+        exclude_nodes = [*exclude_nodes, *unbounded]
+        if unbounded:
+            record.excluded_nodes = list(exclude_nodes)
+            record.notes.append(f"{len(unbounded)} nodes kept in float: their activations reach inf or NaN on the "
+                                "calibration data, which no int8 range can hold")
         record.ranges = ranges
         extra["TensorQuantOverrides"] = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
                                          for n, (lo, hi) in ranges.items()}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from ..graph.runtime import pieces
+from ..graph.runtime import check_batch
 from .criteria import ScoreContext, position_sums, register_criterion
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -178,7 +178,8 @@ def unit_scores_from_weights(ctx: ScoreContext, saliency: dict[str, np.ndarray],
 def _batches(ctx: ScoreContext, name: str) -> list[np.ndarray]:
     if not ctx.batches or ctx.model is None:
         raise ConfigError(f"criterion {name} needs calibration data (--calib)")
-    return pieces(ctx.model, ctx.batches, ctx.input_name or None)
+    check_batch(ctx.model, ctx.input_name or None)
+    return list(ctx.batches)  # whole batches: the bridge runs a batch-1 graph sample by sample
 
 
 def _input_name(ctx: ScoreContext) -> str:

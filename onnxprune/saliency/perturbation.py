@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from ..graph.runtime import fixed_batch, session
+from ..graph.runtime import check_batch, fixed_batch, run_rows, session
 from ..graph.interface import exposing
 from ..errors import ConfigError
 from ..sensitivity import distortion
@@ -52,12 +52,12 @@ def perturbation(ctx: ScoreContext) -> dict[int, float]:
     a = ctx.analysis
     proto = ir.to_proto(ctx.model)
     x = np.concatenate(ctx.batches)[:SAMPLES]
-    if fixed_batch(proto, ctx.input_name):
-        raise ConfigError("criterion perturbation needs a model with a dynamic batch dimension")
+    check_batch(proto, ctx.input_name)
+    one = fixed_batch(proto, ctx.input_name)  # batch fixed to 1: every run below goes sample by sample
     producers: dict[str, str] = {n.name: n.outputs[0].name for n in ctx.model.graph}
     ref_sess = session(exposing(proto, list({producers[s.node] for s in a.slots if s.role == "out"})))
     names = [o.name for o in ref_sess.get_outputs()]
-    run = dict(zip(names, ref_sess.run(None, {ctx.input_name: x})))
+    run = dict(zip(names, run_rows(ref_sess, {ctx.input_name: x}, one)))
     reference = [run[o.name] for o in proto.graph.output]
     scores: dict[int, float] = defaultdict(float)
     for group in a.groups:
@@ -86,7 +86,9 @@ def perturbation(ctx: ScoreContext) -> dict[int, float]:
                 shape = (len(chunk) * SAMPLES, c) + (1,) * (rank - 2)
                 feeds[f"keep_{i}"] = keep.reshape(shape)
                 feeds[f"fill_{i}"] = fill.reshape(shape).astype(np.float32)
-            got = sess.run(None, feeds)
+            got = run_rows(sess, feeds, one)
             for r, u in enumerate(chunk):  # replica r masked unit u on its SAMPLES copies
-                scores[u] = distortion(reference, [g[r * SAMPLES:(r + 1) * SAMPLES] for g in got])
+                # equal shares of the rows: SAMPLES each, or SAMPLES x A where the batch is folded into rows
+                scores[u] = distortion(reference, [g[r * (len(g) // len(chunk)):(r + 1) * (len(g) // len(chunk))]
+                                                   for g in got])
     return {u: scores.get(u, 0.0) for u in a.units}
