@@ -309,6 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.done()
         print("onnxprune: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a model or input nothing above anticipated: one line, not a traceback
+        progress.done()
+        if verbose:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"onnxprune: error: unexpected {type(exc).__name__}: {first} (the model or input is not supported "
+              "as given; nothing was written; rerun with -v for the traceback and report it)", file=sys.stderr)
+        return 2
     progress.done()
     if not args.quiet:
         print(report.summary())

@@ -120,7 +120,7 @@ def ultraface_priors(image_hw: tuple[int, int]) -> np.ndarray:
 def _centre_decode(loc: np.ndarray, priors: np.ndarray, variances: tuple[float, float] = (0.1, 0.2)) -> np.ndarray:
     """SSD centre-form offsets -> normalised corner boxes [P,4]."""
     centre = priors[:, :2] + loc[:, :2] * variances[0] * priors[:, 2:]
-    size = priors[:, 2:] * np.exp(loc[:, 2:] * variances[1])
+    size = priors[:, 2:] * np.exp(np.clip(loc[:, 2:] * variances[1], -50.0, 50.0))  # no overflow to inf
     return np.concatenate([centre - size / 2, centre + size / 2], axis=1)
 
 
@@ -288,8 +288,12 @@ def _prior_family(shaped: list[tuple[str, np.ndarray]], hw: tuple[int, int]) -> 
 def _looks_decoded(boxes: np.ndarray) -> bool:
     """Normalised corner boxes (x2 > x1, y2 > y1, inside about [0, 1]) rather than SSD offsets."""
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    b = b[np.isfinite(b).all(axis=1)]  # an overflowing row or two says nothing about the rest
+    if not len(b):
+        return False
     ordered = np.mean((b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1]))
-    return bool(ordered > 0.99 and b.min() > -0.5 and b.max() < 1.5)
+    lo, hi = np.percentile(b, [1, 99])
+    return bool(ordered > 0.99 and lo > -0.5 and hi < 1.5)
 
 
 def _point_family(shaped: list[tuple[str, np.ndarray]], hw: tuple[int, int]) -> DetectionHeads | None:

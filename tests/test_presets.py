@@ -123,3 +123,17 @@ def test_unknown_preset_is_a_usage_error(tmp_path: Path, capsys) -> None:
     assert exit_.value.code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown preset"):
         load_calibration(_photos(tmp_path, n=1), GENERATED["mobilefacenet"](), preset="nope")
+
+
+def test_unexpected_failure_is_one_line_not_a_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    model = _save(GENERATED["se-block"](), tmp_path / "m.onnx")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(cli, "analyze", broken)
+    assert cli.main(["analyze", str(model)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("onnxprune: error: unexpected RuntimeError: kernel exploded (") and "\n" not in err
+    with pytest.raises(RuntimeError):  # -v shows the traceback for a bug report
+        cli.main(["analyze", str(model), "-v"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 import onnxprune
 from onnxprune.bench import bench
-from onnxprune.calibration import CalibrationSet, load_calibration
+from onnxprune.calibration import Preprocess, CalibrationSet, load_calibration
 from onnxprune.cli import main
 from onnxprune.progress import ConsoleProgress, configure_logging
 from onnxprune.sample_models import GENERATED
@@ -70,7 +70,7 @@ def test_calibration_loading_and_sensitivity_scan_report_steps(model: onnx.Model
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     rec = _Recorder()
-    data = load_calibration(tmp_path, model, count=4, progress=rec)
+    data = load_calibration(tmp_path, model, count=4, preprocess=Preprocess(std=(255.0,) * 3), progress=rec)
     assert len(data) == 4 and rec.steps("loading calibration images") == [(i, 4) for i in range(1, 5)]
     rec = _Recorder()
     onnxprune.slim(model, 0.3, calibration=CalibrationSet("input", [data.samples()], [], None, []), round_to=4,

@@ -25,6 +25,45 @@ from onnxprune.cli import main
 
 VERBS = ("analyze", "slim", "quantize", "check")
 CALIB = ("--calib-count", "12")
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PHOTOS = SHARED / "data" / "faces"
+# fidelity task each family is measured with: MTCNN heads and 3DMM parameters are compared output by output
+_FAMILY_TASK = {"mtcnn": "outputs", "3ddfa": "outputs"}
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A trained model from a PyPI package (sample_models) or ../shared, and the task it is measured with."""
+
+    name: str
+    task: str
+    sample: str = ""  # sample_models name, else a path under ../shared
+    shared: str = ""
+
+    def path(self) -> Path:
+        if self.sample:
+            from onnxprune.sample_models import sample_path
+            return sample_path(self.sample)
+        path = SHARED / self.shared
+        if not path.is_file():
+            from onnxprune.sample_models import SampleUnavailable
+            raise SampleUnavailable(f"{path} is not there")
+        return path
+
+
+REAL: dict[str, RealModel] = {m.name: m for m in [
+    RealModel("mtcnn-onet (keras, PyPI)", "outputs", sample="mtcnn-onet"),
+    RealModel("gender-v1 (PyPI)", "classification", sample="gender-v1"),
+    RealModel("MobileFaceNet (Paddle, ../shared)", "embedding", shared="models/mobilefacenet_paddle.onnx"),
+]}
+
+
+def expected_task(name: str) -> str:
+    if name in REAL:
+        return REAL[name].task
+    from .unseen_models import UNSEEN
+    entry = UNSEEN[name]
+    return _FAMILY_TASK.get(entry.family, entry.task)
 
 
 @dataclass(frozen=True)
