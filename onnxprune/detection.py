@@ -78,10 +78,16 @@ def conf_is_softmaxed(conf: np.ndarray, atol: float = 1e-3) -> bool:
     return bool(c.size and c.min() >= -atol and np.allclose(c.sum(-1), 1.0, atol=atol))
 
 
-def _probabilities(x: np.ndarray) -> np.ndarray:
-    """Sigmoid unless the values already are probabilities (exports differ in where the sigmoid sits)."""
+def in_unit_range(x: np.ndarray) -> bool:
+    """True if scores already are probabilities (exports differ in where the sigmoid sits)."""
+    x = np.asarray(x)
+    return bool(x.size == 0 or (x.min() >= 0.0 and x.max() <= 1.0))
+
+
+def _probabilities(x: np.ndarray, activated: bool) -> np.ndarray:
+    """``x`` as probabilities: as it is when the export applied the sigmoid, else through one."""
     x = np.asarray(x, np.float64)
-    return x if x.size == 0 or (x.min() >= 0.0 and x.max() <= 1.0) else 1.0 / (1.0 + np.exp(-x))
+    return x if activated else 1.0 / (1.0 + np.exp(-np.clip(x, -50.0, 50.0)))
 
 
 # ------------------------------------------------------------------------------------------------ anchors
@@ -139,10 +145,12 @@ def _rows(image_hw: tuple[int, int], stride: int, anchors: int) -> int:
 def decode_retinaface(loc: np.ndarray, conf: np.ndarray, image_hw: tuple[int, int], *,
                       min_sizes: Sequence[Sequence[int]] = RETINA_MIN_SIZES, steps: Sequence[int] = RETINA_STEPS,
                       variances: tuple[float, float] = (0.1, 0.2), score_threshold: float = SCORE_THRESHOLD,
-                      nms_iou: float = NMS_IOU, top_k: int = 750) -> list[np.ndarray]:
+                      nms_iou: float = NMS_IOU, top_k: int = 750, softmaxed: bool | None = None) -> list[np.ndarray]:
     """Per image [K,5] (x1,y1,x2,y2,score) pixel boxes from RetinaFace loc [N,P,4] / conf [N,P,2].
 
-    ``top_k`` caps the detections kept after NMS (Pytorch_Retinaface's keep_top_k).
+    ``top_k`` caps the detections kept after NMS (Pytorch_Retinaface's keep_top_k). ``softmaxed``
+    says whether ``conf`` holds probabilities; None tells from the values. Comparing two models,
+    decide it once on the reference: an int8 softmax's rows no longer sum to 1 within 1e-3.
     """
     loc, conf = np.asarray(loc, np.float64), np.asarray(conf, np.float64)
     if loc.ndim == 2:
@@ -150,7 +158,7 @@ def decode_retinaface(loc: np.ndarray, conf: np.ndarray, image_hw: tuple[int, in
     priors = prior_boxes(image_hw, min_sizes, steps)
     if loc.shape[1] != len(priors) or conf.shape[:2] != loc.shape[:2]:
         raise ValueError(f"loc {loc.shape} / conf {conf.shape} do not match {len(priors)} priors for {image_hw}")
-    probs = conf if conf_is_softmaxed(conf) else _softmax(conf)
+    probs = conf if (conf_is_softmaxed(conf) if softmaxed is None else softmaxed) else _softmax(conf)
     h, w = image_hw
     scale = np.array([w, h, w, h], np.float64)
     return [_select(_centre_decode(l, priors, variances) * scale, p[:, 1], score_threshold, nms_iou, top_k)
@@ -165,12 +173,13 @@ def decode_scrfd(outputs: Mapping[str, np.ndarray], image_hw: tuple[int, int], s
     score = {s: outputs[f"score_{s}"] for s in strides}
     dist = {s: outputs[f"bbox_{s}"] for s in strides}
     n = 1 if np.ndim(score[strides[0]]) == 2 else int(np.shape(score[strides[0]])[0])
-    return _decode_points(score, dist, image_hw, tuple(strides), num_anchors, n, score_threshold, nms_iou)
+    activated = all(in_unit_range(v) for v in score.values())
+    return _decode_points(score, dist, image_hw, tuple(strides), num_anchors, n, activated, score_threshold, nms_iou)
 
 
 def _decode_points(score: Mapping[int, np.ndarray], dist: Mapping[int, np.ndarray], image_hw: tuple[int, int],
-                   strides: tuple[int, ...], anchors: int, n_images: int, threshold: float = SCORE_THRESHOLD,
-                   iou: float = NMS_IOU) -> list[np.ndarray]:
+                   strides: tuple[int, ...], anchors: int, n_images: int, activated: bool,
+                   threshold: float = SCORE_THRESHOLD, iou: float = NMS_IOU) -> list[np.ndarray]:
     """SCRFD distance decoding: boxes (cx - l*s, cy - t*s, cx + r*s, cy + b*s) around anchor points."""
     boxes, scores = [], []
     for s in strides:
@@ -180,18 +189,19 @@ def _decode_points(score: Mapping[int, np.ndarray], dist: Mapping[int, np.ndarra
             raise ValueError(f"stride {s}: {sc.shape[1]} rows, expected {len(centres)} for {image_hw}")
         d = np.asarray(d, np.float64) * s
         boxes.append(np.concatenate([centres - d[..., :2], centres + d[..., 2:4]], axis=-1))
-        scores.append(_probabilities(sc)[..., 0])
+        scores.append(_probabilities(sc, activated)[..., 0])
     b, c = np.concatenate(boxes, axis=1), np.concatenate(scores, axis=1)
     return [_select(bi, ci, threshold, iou, None) for bi, ci in zip(b, c)]
 
 
 def _decode_yunet(cls: Mapping[int, np.ndarray], obj: Mapping[int, np.ndarray], bbox: Mapping[int, np.ndarray],
-                  image_hw: tuple[int, int], strides: tuple[int, ...], n_images: int) -> list[np.ndarray]:
+                  image_hw: tuple[int, int], strides: tuple[int, ...], n_images: int, activated: bool
+                  ) -> list[np.ndarray]:
     """OpenCV YuNet (2023): score sqrt(cls*obj); centre ((c + dx)*s, (r + dy)*s), size exp(dw)*s, exp(dh)*s."""
     boxes, scores = [], []
     for s in strides:
-        c = np.clip(_probabilities(per_image(cls[s], n_images)), 0, 1)
-        o = np.clip(_probabilities(per_image(obj[s], n_images)), 0, 1)
+        c = np.clip(_probabilities(per_image(cls[s], n_images), activated), 0, 1)
+        o = np.clip(_probabilities(per_image(obj[s], n_images), activated), 0, 1)
         b = np.asarray(per_image(bbox[s], n_images), np.float64)
         points = _grid(image_hw, s, 1)
         centre = (points + b[..., :2]) * s
@@ -222,6 +232,7 @@ class DetectionHeads:
     strides: tuple[int, ...] = ()
     anchors: int = 1
     decoded: bool = False  # ultraface: boxes already decoded to normalised corners in the graph
+    activated: bool = True  # scores already softmax/sigmoid: decided on the reference, applied to both models
 
     def output(self, role: str) -> str:
         return dict(self.roles)[role]
@@ -236,18 +247,20 @@ class DetectionHeads:
         """Per image [K,5] (x1, y1, x2, y2, score) in input pixels, score > 0.5, after NMS."""
         if self.family == "retinaface":
             loc, conf = (per_image(outputs[self.output(r)], n_images) for r in ("loc", "conf"))
-            return decode_retinaface(loc, conf, self.image_hw)
+            return decode_retinaface(loc, conf, self.image_hw, softmaxed=self.activated)
         if self.family == "ultraface":
             return self._decode_ultraface(outputs, n_images)
         pick = lambda role: {s: outputs[self.output(f"{role}@{s}")] for s in self.strides}  # noqa: E731
         if self.family == "scrfd":
-            return _decode_points(pick("score"), pick("bbox"), self.image_hw, self.strides, self.anchors, n_images)
-        return _decode_yunet(pick("cls"), pick("obj"), pick("bbox"), self.image_hw, self.strides, n_images)
+            return _decode_points(pick("score"), pick("bbox"), self.image_hw, self.strides, self.anchors, n_images,
+                                  self.activated)
+        return _decode_yunet(pick("cls"), pick("obj"), pick("bbox"), self.image_hw, self.strides, n_images,
+                             self.activated)
 
     def _decode_ultraface(self, outputs: Mapping[str, np.ndarray], n_images: int) -> list[np.ndarray]:
         boxes = np.asarray(per_image(outputs[self.output("boxes")], n_images), np.float64)
         scores = np.asarray(per_image(outputs[self.output("scores")], n_images), np.float64)
-        probs = scores if conf_is_softmaxed(scores) else _softmax(scores)
+        probs = scores if self.activated else _softmax(scores)
         priors = ultraface_priors(self.image_hw)
         h, w = self.image_hw
         scale = np.array([w, h, w, h], np.float64)
@@ -281,7 +294,8 @@ def _prior_family(shaped: list[tuple[str, np.ndarray]], hw: tuple[int, int]) -> 
         if len(box) == 1 and len(cls) == 1:
             role = ("loc", "conf") if family == "retinaface" else ("boxes", "scores")
             decoded = family == "ultraface" and _looks_decoded(box[0][1])
-            return DetectionHeads(family, hw, ((role[0], box[0][0]), (role[1], cls[0][0])), decoded=decoded)
+            return DetectionHeads(family, hw, ((role[0], box[0][0]), (role[1], cls[0][0])), decoded=decoded,
+                                  activated=conf_is_softmaxed(cls[0][1]))
     return None
 
 
@@ -303,7 +317,9 @@ def _point_family(shaped: list[tuple[str, np.ndarray]], hw: tuple[int, int]) -> 
             roles = _point_roles(shaped, hw, strides, anchors)
             if roles is not None:
                 family = "yunet" if any(r.startswith("obj@") for r, _ in roles) else "scrfd"
-                return DetectionHeads(family, hw, roles, strides, anchors)
+                arrays = dict(shaped)
+                activated = all(in_unit_range(arrays[n]) for r, n in roles if not r.startswith("bbox@"))
+                return DetectionHeads(family, hw, roles, strides, anchors, activated=activated)
     return None
 
 

@@ -28,7 +28,7 @@ from .passes.relu_activations import fusable_activations, relu_activations
 from .passes.tile_rows import tile_rows
 from .pipeline import prepare
 from .progress import Progress, log_progress
-from .quantization.qdq import check_float32
+from .quantization.qdq import check_float32, decode_tail
 from .quantization.latency import slow_int8_layers
 from .quantization.layer_error import WEIGHTED_OPS, LayerError, layer_errors, worst_layers
 from .quantization import (THRESHOLDS, check_not_quantized, int8_kernels, is_int8_kernel, pre_process, quantize_qdq,
@@ -238,6 +238,10 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         excluded += slow
         if slow:
             notes.append(f"kept in float for CPU speed (int8 kernels slower there): {len(slow)} node(s)")
+    tail = [n for n in decode_tail(pre) if n not in excluded]
+    if tail:
+        excluded += tail
+        notes.append(f"box decoding kept in float: {len(tail)} node(s) from Exp on (int8 cannot hold exp's range)")
     ranges = None
     if thresholds == "trained":
         from .quantization.qdq import compute_ranges

@@ -165,7 +165,7 @@ def drift_verdict(rel_error: dict[str, float]) -> list[str]:
     elif worst <= DRIFT_LARGE:
         verdict = "moderate: outputs moved noticeably; whether that matters depends on the task"
     else:
-        verdict = "large: outputs changed as much as they are big; expect a visible loss of accuracy"
+        verdict = f"large: more than {DRIFT_LARGE:.0%} of their size; expect a visible loss of accuracy"
     return [f"output change on a random input: {worst:.0%} of the output's size at {name!r} ({verdict})",
             "  a random input only shows how far the outputs moved, not whether faces are still found; "
             "run with --calib IMAGES to choose channels on real activations, refit the layers and measure "

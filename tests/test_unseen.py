@@ -12,7 +12,7 @@ import pytest
 
 from onnxprune.sample_models import SampleUnavailable
 
-from .unseen_harness import REAL, PHOTOS, expected_task, run_verbs
+from .unseen_harness import PHOTOS, REAL, expected_task, photos_for, run_verbs
 from .unseen_models import UNSEEN
 
 
@@ -33,6 +33,6 @@ def test_every_verb_on_an_unseen_model(name: str, tmp_path: Path) -> None:
         model = _model(name, tmp_path / "model")
     except SampleUnavailable as exc:
         pytest.skip(str(exc))
-    outcomes = run_verbs(model, PHOTOS, tmp_path / "work", expected_task(name))
+    outcomes = run_verbs(model, photos_for(name), tmp_path / "work", expected_task(name))
     bad = {v: o for v, o in outcomes.items() if o.status != "ok"}
     assert not bad, "\n".join(f"{v}: {o.status}: {o.detail}" for v, o in outcomes.items())

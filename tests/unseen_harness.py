@@ -27,6 +27,7 @@ VERBS = ("analyze", "slim", "quantize", "check")
 CALIB = ("--calib-count", "12")
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PHOTOS = SHARED / "data" / "faces"
+CROPS = SHARED / "data" / "faces112"  # aligned 112x112 crops: what recognizers are deployed on
 # fidelity task each family is measured with: MTCNN heads and 3DMM parameters are compared output by output
 _FAMILY_TASK = {"mtcnn": "outputs", "3ddfa": "outputs"}
 
@@ -56,6 +57,10 @@ REAL: dict[str, RealModel] = {m.name: m for m in [
     RealModel("gender-v1 (PyPI)", "classification", sample="gender-v1"),
     RealModel("MobileFaceNet (Paddle, ../shared)", "embedding", shared="models/mobilefacenet_paddle.onnx"),
 ]}
+
+
+def photos_for(name: str) -> Path:
+    return CROPS if name in REAL and REAL[name].task == "embedding" else PHOTOS
 
 
 def expected_task(name: str) -> str:

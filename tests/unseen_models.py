@@ -559,7 +559,7 @@ def ultraface() -> onnx.ModelProto:
     _calibrate_bn(m, feeds, g.pending_bn)
     for lvl, name in enumerate(locs):  # trained regressors give offsets of order 1: exp(0.2 * loc) stays finite
         last = f"regression_headers.{lvl}" + (".2" if lvl < 3 else "")
-        std = float(np.std(_run(m, feeds, [name])[name])) or 1.0
+        std = 5.0 * float(np.std(_run(m, feeds, [name])[name])) or 1.0  # real photos drive it ~5x harder
         for param in (f"{last}.weight", g.bias_of(last)):
             _set(m, param, _sig(_get(m, param) / std))
     logits = _run(m, feeds, [conf])[conf]
@@ -812,6 +812,12 @@ def scrfd_official(batched: bool) -> onnx.ModelProto:
     got = _run(m, feeds, views)
     for s, v in zip((8, 16, 32), views):
         _set(m, f"head.stride{s}.score.bias", _get(m, f"head.stride{s}.score.bias") + _rate_bias(got[v], FACE_RATE))
+    dists = _run(m, feeds, [f"head.stride{s}.bbox" for s in (8, 16, 32)])
+    for s in (8, 16, 32):  # trained distances are positive (about 2 strides); random ones would invert boxes
+        d, conv = dists[f"head.stride{s}.bbox"], f"head.stride{s}.bbox"
+        gain = 0.5 / (float(d.std()) or 1.0)
+        _set(m, f"{conv}.weight", _sig(_get(m, f"{conv}.weight") * gain))
+        _set(m, f"{conv}.bias", _sig((_get(m, f"{conv}.bias") - float(d.mean())) * gain + 2.0))
     return m
 
 

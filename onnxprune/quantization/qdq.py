@@ -132,6 +132,23 @@ def compute_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np
     return {n: pick(h) for n, h in hists.items()} | unbounded
 
 
+def decode_tail(model: onnx.ModelProto) -> list[str]:
+    """Names of Exp nodes and of every node downstream of one: box decoding inside the graph
+    (UltraFace's size = prior * exp(0.2 * loc), YOLO-style heads). Its values span orders of magnitude,
+    which one int8 scale cannot hold, and it costs next to nothing in float."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    tail, todo = {}, [n for n in model.graph.node if n.op_type == "Exp"]
+    while todo:
+        node = todo.pop()
+        if id(node) not in tail:
+            tail[id(node)] = node
+            todo += [r for out in node.output for r in readers.get(out, [])]
+    return [n.name for n in model.graph.node if id(n) in tail and n.name]
+
+
 def _finite(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]
             ) -> tuple[dict[str, tuple[float, float]], list[str]]:
     """(finite ranges, nodes that produce or read a tensor without one): int8 cannot represent inf, and
