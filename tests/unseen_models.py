@@ -58,24 +58,13 @@ class UnseenModel:
 
 # -- small graph builder -------------------------------------------------------------------------------------------
 
-class _Graph:
+class _Graph(generate._Builder):
     """Nodes and initializers drawn from one seeded generator; tensor names numeric or path-style."""
 
     def __init__(self, seed: int, numeric_from: int | None = None) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
+        super().__init__(seed)
         self._numeric = numeric_from  # legacy TorchScript export names: "245", "246", ...
-        self._used: set[str] = set()
         self.pending_bn: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # conv node -> (gamma, beta)
-
-    def _uniq(self, name: str) -> str:
-        base, i = name, 1
-        while name in self._used:
-            i += 1
-            name = f"{base}_{i}"
-        self._used.add(name)
-        return name
 
     def const(self, name: str, arr: np.ndarray) -> str:
         name = self._uniq(name)
@@ -84,9 +73,6 @@ class _Graph:
 
     def f32(self, name: str, vals: object) -> str:
         return self.const(name, np.asarray(vals, dtype=np.float32))
-
-    def i64(self, name: str, vals: object) -> str:
-        return self.const(name, np.asarray(vals, dtype=np.int64))
 
     def op(self, op_type: str, inputs: Sequence[str], name: str, out: str | None = None, **attrs: object) -> str:
         """One node; its output is ``out``, else a numeric name (legacy style) or ``<name>_output_0``."""
