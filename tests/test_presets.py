@@ -137,3 +137,11 @@ def test_unexpected_failure_is_one_line_not_a_traceback(tmp_path: Path, capsys, 
     assert err.startswith("onnxprune: error: unexpected RuntimeError: kernel exploded (") and "\n" not in err
     with pytest.raises(RuntimeError):  # -v shows the traceback for a bug report
         cli.main(["analyze", str(model), "-v"])
+
+
+def test_a_preset_contradicting_the_model_is_flagged(tmp_path: Path) -> None:
+    photos = _photos(tmp_path / "photos", n=1, size=(200, 240))
+    wrong = load_calibration(photos, GENERATED["scrfd"](), preset="retinaface")
+    assert any(n.startswith("--preset retinaface given, but the model looks like scrfd") for n in wrong.notes)
+    assert not load_calibration(photos, GENERATED["scrfd"](), preset="scrfd").notes
+    assert not load_calibration(photos, GENERATED["mobilefacenet"](), preset="mobilefacenet").notes  # = arcface

@@ -138,6 +138,10 @@ def _resolve_preprocess(model: onnx.ModelProto, name: str, dims: list[Dim] | Non
     if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        inferred = infer_preset(model)
+        if inferred is not None and PRESETS[inferred.name] != PRESETS[preset]:
+            notes.append(f"--preset {preset} given, but the model looks like {inferred.name} ({inferred.reason}); "
+                         f"its normalisation differs: check that {preset} is how this model was trained")
         return replace(PRESETS[preset])
     if preprocess is not None:
         return preprocess
