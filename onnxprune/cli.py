@@ -7,6 +7,7 @@ touched and outputs appear atomically or not at all.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -319,10 +320,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     progress.done()
     if not args.quiet:
-        print(report.summary())
+        _print_summary(report.summary())
     for failure in getattr(report, "failures", ()) if args.command == "sweep" else ():
         print(f"onnxprune: error: {failure}", file=sys.stderr)
     return code
+
+
+def _print_summary(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) is no error."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
 
 
 def _sweep(args: argparse.Namespace, progress: ConsoleProgress):

@@ -120,3 +120,17 @@ def test_python_api_calibrated_slim_then_quantize(tmp_path: Path) -> None:
     assert q.report.kernels and slim.report.calibration
     q.save(tmp_path / "out.int8.onnx")
     onnx.checker.check_model(str(tmp_path / "out.int8.onnx"))
+
+
+def test_summary_piped_into_a_reader_that_leaves_early_is_no_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    from onnxprune.sample_models import GENERATED
+    model = tmp_path / "m.onnx"
+    onnx.save(GENERATED["retinaface"](), model)
+    proc = subprocess.Popen([sys.executable, "-m", "onnxprune", "slim", str(model), "--ratio", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # `| head -1` after its line: the reader is gone before the summary is written
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0 and "Traceback" not in err, err
+    assert (tmp_path / "m.slim.onnx").is_file()
