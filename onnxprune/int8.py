@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -19,6 +17,7 @@ from .errors import ConfigError
 from .fidelity import TASKS
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
+from .graph.matching import match_nodes
 from .graph.runtime import check_batch, pieces, run_all, session
 from .graph.shapes import representative_shapes
 from .graph.skeleton import skeleton
@@ -111,14 +110,8 @@ class QuantizeResult:
 
 
 def _matching(model: onnx.ModelProto, patterns: Sequence[str]) -> tuple[list[str], list[str]]:
-    names, unmatched = [], []
-    for p in patterns:
-        glob = any(c in p for c in "*?[")
-        hits = [n.name for n in model.graph.node if n.name and (fnmatch.fnmatchcase(n.name, p) if glob else re.search(p, n.name))]
-        names += [h for h in hits if h not in names]
-        if not hits:
-            unmatched.append(p)
-    return names, unmatched
+    """(nodes matched by --exclude, patterns that matched none): the rule every verb uses."""
+    return match_nodes((n.name for n in model.graph.node), patterns)
 
 
 def _relu(graph: ir.Model, exclude: Sequence[str], float_slow_layers: bool, split: CalibrationSplit,

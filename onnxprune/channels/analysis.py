@@ -7,14 +7,13 @@ do not model) and collect units into groups by the layers that produce them.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from ..graph.matching import match_nodes
 from . import op_rules
 from .model import AxisEdit, BiasFold, ChannelGroup, GroupEdit, ParamSlot, Unit
 from .tracer import Tracer
@@ -53,13 +52,6 @@ class ChannelAnalysis:
 
     def total_params(self) -> int:
         return int(sum(np.prod(s, dtype=np.int64) for s in self.value_shapes.values()))
-
-
-def _matcher(pattern: str):
-    if any(ch in pattern for ch in "*?[") and not any(ch in pattern for ch in "^$+\\("):
-        return lambda name: fnmatch.fnmatchcase(name, pattern)
-    rx = re.compile(pattern)
-    return lambda name: rx.search(name) is not None
 
 
 def analyze_channels(model: ir.Model, shapes: dict[str, tuple[int, ...]], exclude: list[str] | tuple[str, ...] = (),
@@ -153,15 +145,10 @@ def _block_unmodelled_uses(graph: ir.Graph, t: Tracer) -> None:
 
 
 def _apply_excludes(graph: ir.Graph, t: Tracer, patterns) -> list[str]:
-    unmatched = []
+    """Block what excluded nodes touch; the patterns that matched no node (rule: graph/matching.py)."""
+    names = [node.name for node in graph]
     for pattern in patterns:
-        match = _matcher(pattern)
-        hit = False
-        for node in graph:
-            if node.name and match(node.name):
-                hit = True
-                for elems in t.touched.get(node.name, []):
-                    t.block(elems, f"excluded by --exclude {pattern}")
-        if not hit:
-            unmatched.append(pattern)
-    return unmatched
+        for name in match_nodes(names, [pattern])[0]:
+            for elems in t.touched.get(name, []):
+                t.block(elems, f"excluded by --exclude {pattern}")
+    return match_nodes(names, patterns)[1]
