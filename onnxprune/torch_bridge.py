@@ -473,6 +473,52 @@ def _elu(c: _Ctx, n: _Node, x):
     return F.elu(x, float(n.attrs.get("alpha", 1.0)))
 
 
+@_op("Celu")
+def _celu(c: _Ctx, n: _Node, x):
+    return F.celu(x, float(n.attrs.get("alpha", 1.0)))
+
+
+@_op("Selu")
+def _selu(c: _Ctx, n: _Node, x):
+    alpha = float(n.attrs.get("alpha", 1.67326319217681884765625))
+    gamma = float(n.attrs.get("gamma", 1.05070102214813232421875))
+    return gamma * torch.where(x > 0, x, alpha * torch.expm1(x))
+
+
+@_op("Gelu")
+def _gelu(c: _Ctx, n: _Node, x):
+    approximate = n.attrs.get("approximate", "none")
+    return F.gelu(x, approximate=approximate.decode() if isinstance(approximate, bytes) else approximate)
+
+
+@_op("Mish")
+def _mish(c: _Ctx, n: _Node, x):
+    return F.mish(x)
+
+
+@_op("Softsign")
+def _softsign(c: _Ctx, n: _Node, x):
+    return F.softsign(x)
+
+
+@_op("ThresholdedRelu")
+def _thresholded_relu(c: _Ctx, n: _Node, x):
+    return torch.where(x > float(n.attrs.get("alpha", 1.0)), x, torch.zeros_like(x))
+
+
+@_op("Hardmax")
+def _hardmax(c: _Ctx, n: _Node, x):
+    axis = int(n.attrs.get("axis", -1 if c.opset >= 13 else 1))
+    if c.opset < 13:  # coerced to 2-D around axis, like Softmax before opset 13
+        flat = x.reshape(int(np.prod(x.shape[:axis % x.dim()], dtype=np.int64)), -1)
+        return _hardmax_last(flat).reshape(x.shape)
+    return _hardmax_last(x.movedim(axis, -1)).movedim(-1, axis)
+
+
+def _hardmax_last(x):
+    return F.one_hot(x.argmax(-1), x.shape[-1]).to(x.dtype)  # first maximum wins, as in ONNX
+
+
 @_op("Clip")
 def _clip(c: _Ctx, n: _Node, x, lo=None, hi=None):
     if c.opset < 11:
@@ -578,6 +624,30 @@ def _gap(c: _Ctx, n: _Node, x):
 @_op("GlobalMaxPool")
 def _gmp(c: _Ctx, n: _Node, x):
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@_op("LpNormalization")
+def _lp_norm(c: _Ctx, n: _Node, x):
+    p, axis = int(n.attrs.get("p", 2)), int(n.attrs.get("axis", -1))
+    return x / torch.linalg.vector_norm(x, ord=p, dim=axis, keepdim=True)
+
+
+@_op("GlobalLpPool")
+def _glp(c: _Ctx, n: _Node, x):
+    p = float(n.attrs.get("p", 2))
+    return x.abs().pow(p).sum(dim=tuple(range(2, x.dim())), keepdim=True).pow(1.0 / p)
+
+
+@_op("LpPool")
+def _lp_pool(c: _Ctx, n: _Node, x):
+    nd = x.dim() - 2
+    if nd not in (1, 2) or n.attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") \
+            or any(n.attrs.get("pads", [0] * 2 * nd)) or any(d != 1 for d in n.attrs.get("dilations", [1] * nd)) \
+            or n.attrs.get("ceil_mode", 0):
+        raise NotImplementedError("LpPool with padding, dilation or ceil_mode")
+    kernel, p = list(n.attrs["kernel_shape"]), float(n.attrs.get("p", 2))
+    pool = F.lp_pool1d if nd == 1 else F.lp_pool2d
+    return pool(x.abs(), p, kernel, list(n.attrs.get("strides", [1] * nd)))  # ONNX strides default to 1
 
 
 # ------------------------------------------------------------------------------------------- shape ops
@@ -736,10 +806,24 @@ def _tile(c: _Ctx, n: _Node, x, repeats):
 
 
 _REDUCE = {"ReduceMean": torch.mean, "ReduceSum": torch.sum, "ReduceMax": torch.amax, "ReduceMin": torch.amin,
-           "ReduceL2": None}
+           "ReduceProd": None,
+           "ReduceL1": lambda x, dim, keepdim: x.abs().sum(dim=dim, keepdim=keepdim),
+           "ReduceL2": lambda x, dim, keepdim: torch.sqrt((x * x).sum(dim=dim, keepdim=keepdim)),
+           "ReduceSumSquare": lambda x, dim, keepdim: (x * x).sum(dim=dim, keepdim=keepdim),
+           "ReduceLogSum": lambda x, dim, keepdim: torch.log(x.sum(dim=dim, keepdim=keepdim)),
+           "ReduceLogSumExp": torch.logsumexp}
 
 
-@_op("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2")
+def _reduce_prod(x, dim, keepdim):
+    for d in sorted(dim, reverse=True):
+        x = torch.prod(x, dim=d, keepdim=keepdim)
+    return x
+
+
+_REDUCE["ReduceProd"] = _reduce_prod
+
+
+@_op(*_REDUCE)
 def _reduce(c: _Ctx, n: _Node, x, axes=None):
     axes_from_input = n.op == "ReduceSum" and c.opset >= 13 or c.opset >= 18
     axes = (_ints(axes) if axes is not None else []) if axes_from_input else list(n.attrs.get("axes", []))
@@ -749,8 +833,6 @@ def _reduce(c: _Ctx, n: _Node, x, axes=None):
             return x
         axes = list(range(x.dim()))
     axes = tuple(sorted(a % x.dim() for a in axes))
-    if n.op == "ReduceL2":
-        return torch.sqrt((x * x).sum(dim=axes, keepdim=keep))
     return _REDUCE[n.op](x, dim=axes, keepdim=keep)
 
 
