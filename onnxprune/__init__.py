@@ -32,9 +32,11 @@ from .errors import ConfigError, ModelLoadError, NothingToPruneError, OnnxPruneE
 from .pipeline import SlimResult, analyze, slim  # noqa: E402
 from .calibration import PRESETS, CalibrationSet, Preprocess, load_calibration, load_identities  # noqa: E402
 from .int8 import QuantizeResult, quantize  # noqa: E402
+from . import video  # noqa: E402  - onnxprune.video.GatedDetector, onnxprune.gate
+from .video import GateResult, gate  # noqa: E402
 
 __all__ = [
     "__version__", "slim", "analyze", "SlimResult", "quantize", "QuantizeResult", "load_calibration",
     "load_identities", "CalibrationSet", "Preprocess", "PRESETS", "OnnxPruneError", "ModelLoadError", "ConfigError",
-    "NothingToPruneError", "VerificationError",
+    "NothingToPruneError", "VerificationError", "gate", "GateResult", "video",
 ]

@@ -144,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--input-shape", action="append", metavar="NAME=1x3x640x640",
                         help="concrete shape used for analysis only (dynamic dims stay dynamic in the output); repeatable")
     common.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                        help="keep layers whose node name matches this regex or glob intact; repeatable")
+                        help="keep layers whose node name matches intact (quantize: in float); a glob when it has * ? [ "
+                             "and no regex-only character (^ $ + \\ ( ) { } | .*), else a regex searched in the name; "
+                             "repeatable")
     common.add_argument("--no-simplify", action="store_true", help="do not run onnxsim before analysis")
     common.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     common.add_argument("--report", metavar="DIR",
@@ -279,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
+
+    from .video import commands as video_commands
+    video_commands.add_arguments(
+        sub.add_parser("gate", help=video_commands.GATE_HELP, description=video_commands.GATE_DESCRIPTION),
+        sub.add_parser("video", help=video_commands.VIDEO_HELP, description=video_commands.VIDEO_DESCRIPTION),
+        _PresetAction, _VERBOSE)
     return parser
 
 
@@ -295,6 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report, code = _check(args, progress)
         elif args.command == "sweep":
             report, code = _sweep(args, progress)
+        elif args.command in ("gate", "video"):
+            from .video import commands as video_commands
+            report = (video_commands.gate_command(args, progress, _model_arg, _default_output)
+                      if args.command == "gate" else video_commands.video_command(args, progress, _model_arg))
         elif args.command == "analyze":
             report = analyze(_model_arg(args.model), input_shapes=_shapes(args.input_shape), exclude=args.exclude,
                              simplify=not args.no_simplify, progress=progress)
