@@ -51,6 +51,14 @@ class Preprocess:
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
+    def content_size(self, image_hw: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) the image is resampled to inside a ``size`` input: aspect kept for letterbox."""
+        h, w = size
+        if self.resize != "letterbox":
+            return h, w
+        scale = min(h / image_hw[0], w / image_hw[1])
+        return max(1, min(h, round(image_hw[0] * scale))), max(1, min(w, round(image_hw[1] * scale)))
+
     def apply(self, image: Image.Image, size: tuple[int, int]) -> np.ndarray:
         """One sample ([C,H,W] or [H,W,C], H/W swapped if ``swap_hw``) from an RGB PIL image at ``size``."""
         from PIL import Image
@@ -58,8 +66,7 @@ class Preprocess:
         h, w = size
         mean = np.asarray(self.mean, dtype=np.float32)
         if self.resize == "letterbox":
-            scale = min(h / image.height, w / image.width)
-            nh, nw = max(1, min(h, round(image.height * scale))), max(1, min(w, round(image.width * scale)))
+            nh, nw = self.content_size((image.height, image.width), size)
             pixels = _channels(np.asarray(image.resize((nw, nh), Image.BILINEAR), dtype=np.float32), self.channel_order)
             canvas = np.empty((h, w, 3), dtype=np.float32)
             canvas[...] = mean  # exact mean (not a rounded uint8 colour) so padding normalises to exactly 0

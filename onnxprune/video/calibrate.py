@@ -445,14 +445,8 @@ def _scale(frame_hw: tuple[int, int], pre: Preprocess) -> float:
 
 def _content(frame: np.ndarray, pre: Preprocess) -> np.ndarray:
     """``frame`` resized to its size inside the model input (what ``Preprocess.apply`` resamples to)."""
-    h, w = pre.size  # type: ignore[misc]
-    fh, fw = frame.shape[:2]
-    if pre.resize == "letterbox":
-        s = min(h / fh, w / fw)
-        nh, nw = max(1, min(h, round(fh * s))), max(1, min(w, round(fw * s)))
-    else:
-        nh, nw = h, w
-    return frame if (nh, nw) == (fh, fw) else resize(frame, (nw, nh))
+    nh, nw = pre.content_size(frame.shape[:2], pre.size)  # type: ignore[arg-type]
+    return frame if (nh, nw) == frame.shape[:2] else resize(frame, (nw, nh))
 
 
 def _measure(proto: onnx.ModelProto, cand: SplitCandidate, images: _Images, pre: Preprocess, input_name: str) -> None:

@@ -70,11 +70,7 @@ def prepare(frame: np.ndarray, pre: Preprocess, reuse: dict | None = None) -> tu
     is written once, and no fresh pages are faulted in per frame."""
     h, w = pre.size  # type: ignore[misc]
     fh, fw = frame.shape[:2]
-    if pre.resize == "letterbox":
-        scale = min(h / fh, w / fw)
-        nh, nw = max(1, min(h, round(fh * scale))), max(1, min(w, round(fw * scale)))
-    else:
-        nh, nw = h, w
+    nh, nw = pre.content_size((fh, fw), (h, w))
     if (nh, nw) == (fh, fw) and not pre.swap_hw and pre.layout == "nchw":
         key = (nh, nw, h, w, pre.dtype)
         sample = reuse.get(key) if reuse is not None else None
