@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from .errors import ConfigError, ModelLoadError
 from .graph.io import ModelLike, load_proto
-from .graph.metrics import ModelCost, model_cost
+from .graph.metrics import ModelCost, count_nonzero_params, model_cost
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .memory import KEPT_NOTE, UNAVAILABLE_NOTE, RssMeter
 from .progress import Progress, log_progress
@@ -57,7 +57,7 @@ class BenchRow:
     ratio_median: float | None = None  # latency / first model's latency, median over rounds
     ratio_iqr: float | None = None  # p75 - p25 of the per-round ratios: how far to trust ratio_median
     speedup: float | None = None  # median over rounds of first model's latency / this one's
-    netscore: float | None = None
+    netscore: float | None = None  # with the parameters that are not zero (a sparse model's zeros are not counted)
 
 
 @dataclass
@@ -131,6 +131,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
     sizes = [p.ByteSize() for p in protos]
     shape_sets = [_resolve_shapes(protos, dict(o)) for o in (input_shapes or [{}])]
     costs = {(i, k): _cost(p, shape_sets[k]) for k in range(len(shape_sets)) for i, p in enumerate(protos)}
+    nonzero = {i: count_nonzero_params(protos[i]) for i in accuracy}  # NetScore's p (slim --sparsity zeros)
     rng = np.random.default_rng(seed)
     rows: list[BenchRow] = []
     # ORT's one-off process setup (allocators, thread pools) would be charged to the first model's memory.
@@ -172,7 +173,7 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
                             float_nodes=node_counts[(i, provider)][1], peak_mem_mb=mems[i],
                             min_ms=float(t.min()), median_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
                             throughput=float(batch * 1000.0 / np.median(t)),
-                            netscore=netscore(accuracy[i], cost.params, cost.macs) if i in accuracy else None)
+                            netscore=netscore(accuracy[i], nonzero[i], cost.macs) if i in accuracy else None)
                         if len(protos) > 1:
                             q25, q50, q75 = ratio_quartiles(t, times[:, 0])
                             row.ratio_median, row.ratio_iqr = float(q50), float(q75 - q25)
@@ -186,6 +187,10 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
 def netscore(accuracy: float, params: int, macs: int, alpha: float = 2.0, beta: float = 0.5,
              gamma: float = 0.5) -> float | None:
     """NetScore (Wong 2019): 20·log10(a^α / (p^β · m^γ)), p and m in millions.
+
+    Callers pass the parameters that are not zero as p (``count_nonzero_params``): for a dense model
+    that is every parameter, for ``slim --sparsity`` output the zeros do not count. m stays the
+    dense MACs, which is what ONNX Runtime's kernels execute.
 
     ``accuracy`` is in [0, 1] here; the paper uses percent, which adds a constant 40·α·log10(10)=80
     (for α=2), so only differences between models are comparable across the two conventions.

@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("slim", parents=[common, calib], help="remove channels to shrink a model",
                        description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
     p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
+    p.add_argument("--sparsity", type=_ratio, default=0.0, metavar="S",
+                   help="then set this share of the remaining Conv/Gemm/MatMul weights to zero, in [0, 1) (smallest "
+                        "magnitudes, spread by a per-layer scan and refitted with --calib; the file compresses, "
+                        "README 'Sparse weights')")
     p.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input; for sample:NAME, in the "
                         "working directory)")
     p.add_argument("--criterion", default=None,
@@ -455,6 +459,12 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
         raise ConfigError("--relu only applies with --int8")
     if args.no_tile and not int8:
         raise ConfigError("--no-tile only applies with --int8")
+    from .pipeline import check_sparsity, sparsity_report
+    sparsity = getattr(args, "sparsity", 0.0)  # slim only
+    check_sparsity(sparsity)  # before the calibration data is loaded
+    if sparsity and args.relu:
+        raise ConfigError("--sparsity cannot be combined with --relu (its refit of the next layers would fill the "
+                          "zeros); use one or the other")
     suffix = ".int8.onnx" if args.command == "quantize" else (".slim.int8.onnx" if int8 else ".slim.onnx")
     output = Path(args.output) if args.output else _default_output(model, suffix)
     if output.exists() and output.resolve() == Path(model).resolve():
@@ -478,7 +488,8 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
                           recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
                           workers=args.workers, executor=executor, finetune_steps=args.finetune_steps,
                           identities=load_identities(args.identities, load_proto(model), calibration)
-                          if args.identities and calibration is not None else None, progress=progress)
+                          if args.identities and calibration is not None else None, sparsity=sparsity,
+                          progress=progress)
         if int8:
             slim_report = result.report
             preview = result.preview
@@ -488,6 +499,8 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
             end_to_end = CalibrationSplit.held_out_fidelity(calibration, args.holdout, slim_report.input_shapes,
                                                             load_proto(model), result.model, args.task)
             result.report = CombinedReport(slim_report, result.report, end_to_end)
+            if slim_report.sparsity is not None:  # symmetric int8 weights keep zeros zero; measured, not assumed
+                result.report.sparsity = sparsity_report(result.model, slim_report.sparsity)
             result.preview = result.preview or preview
     progress("writing")
     result.save(output, protect=[model])

@@ -21,6 +21,7 @@ from .allocation import allocate
 from .calibration import CalibrationSet
 from .calibration.split import CalibrationSplit, check_task
 from .calibration.activations import consumer_moments
+from .bench import netscore
 from .fidelity import TASKS, FidelityReport
 from .passes.reconstruct import LayerFit, reconstruct
 from .sensitivity import scan
@@ -28,15 +29,16 @@ from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError, NothingToPruneError
 from .executors import TaskExecutor
 from .graph.interface import restore_interface
-from .graph.io import ModelLike, ModelSource, materialize, save_atomic
-from .graph.metrics import count_macs, count_params
+from .graph.io import ModelLike, ModelSource, materialize, save_atomic, stored_size
+from .graph.metrics import count_macs, count_nonzero_params, count_params, weight_zeros
 from .memory import release_memory
 from .graph.runtime import check_batch
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
 from .passes import cleanup, fold_batchnorm, remove_channels
+from .passes.sparsify import SparsifyRecord, check_sparsity, sparsify
 from .quantization.qdq import check_not_quantized
 from .progress import Progress, log_progress
-from .report import AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport
+from .report import AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport, SparseLayerReport, SparsityReport
 from .saliency.criteria import NEEDS_CALIBRATION, ScoreContext, get_criterion
 from .verify import verify
 
@@ -177,7 +179,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
          simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
          recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
          finetune_steps: int = 0, identities: tuple[np.ndarray, list[str]] | None = None,
-         executor: TaskExecutor | None = None, progress: Progress | None = None) -> SlimResult:
+         executor: TaskExecutor | None = None, sparsity: float = 0.0, progress: Progress | None = None) -> SlimResult:
     """Remove about ``ratio`` of the model's parameters by deleting whole channels.
 
     With ``calibration`` (unlabelled samples in the model's input format, see
@@ -186,11 +188,16 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
     layers after them are refitted by least squares, and a held-out part of the samples measures
     how close the result stays to the original. Without it, weight criteria only.
 
+    ``sparsity`` > 0 then sets that share of the remaining Conv/Gemm/MatMul weights to zero
+    (smallest magnitudes, budget spread by a per-layer scan, survivors refitted: see
+    ``passes/sparsify.py``); the report's ``sparsity`` gives density, file and gzip sizes and NetScore.
+
     Returns the smaller model (same inputs and outputs, symbolic dims kept) and a report. Raises
     :class:`~onnxprune.errors.OnnxPruneError` subclasses for bad input.
     """
     start = time.perf_counter()
     _check_options(ratio, round_to, min_keep, allocation, task, holdout)
+    check_sparsity(sparsity)
     criterion = criterion or (CALIBRATED_CRITERION if calibration is not None else DEFAULT_CRITERION)
     score_fn = get_criterion(criterion)
     if calibration is None:  # before any work: these options cannot run without data
@@ -255,7 +262,8 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         pruned_ir, rec = reconstruct(prep.model, pruned_ir, analysis, alloc.removed, calib.input_name, calib.batches)
         refits = rec.layers
     del arrays
-    prep.release_model()  # last use of the working model: free its weights before the output is serialised
+    if not sparsity:
+        prep.release_model()  # last use of the working model: free its weights before the output is serialised
     finetune = None
     if finetune_steps and calib is not None:
         from .finetune import distill
@@ -265,6 +273,22 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
             pruned_ir = tuned
         else:  # label-free distillation on few samples can overfit: never hand back a worse model
             warns.append("distillation did not lower the loss on the calibration samples; kept the refitted model")
+    record_sparse, dense_size = None, None
+    if sparsity:
+        # The file slim writes without --sparsity, measured: what the zeros are compared with.
+        dense_size = stored_size(restore_interface(ir.to_proto(pruned_ir), prep.skeleton),
+                                 external_data=prep.source.external or None)
+        say(f"zeroing {sparsity:.0%} of the remaining weights")
+        pruned_ir, record_sparse = sparsify(
+            pruned_ir, sparsity, exclude=exclude, reference=prep.model, keep_out=_kept_outputs(analysis, alloc.removed),
+            input_name=calib.input_name if calib is not None else None,
+            batches=calib.batches if calib is not None else None,
+            scan_batches=calib.scan_batches if calib is not None else None, refit=recover is None or recover,
+            executor=executor, workers=workers, progress=say)
+        if calib is None:
+            warns.append("--sparsity without calibration data: the same share of every layer zeroed by magnitude, "
+                         "not refitted (use --calib)")
+        prep.release_model()
     pruned = restore_interface(ir.to_proto(pruned_ir), prep.skeleton)
     del pruned_ir
     release_memory()
@@ -294,9 +318,42 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         refits=[RefitReport(f.node, f.error_before, f.error_after) for f in refits],
         fidelity=fidelity.to_dict() if fidelity is not None else None,
         fidelity_summary=fidelity.summary() if fidelity is not None else "",
-        finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None)
+        finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None,
+        sparsity=sparsity_report(pruned, record_sparse, fidelity, count_macs(pruned, shapes_out), dense_size=dense_size,
+                                 external_data=prep.source.external or None) if record_sparse is not None else None)
     return SlimResult(pruned, report, calib.preview if calib is not None else "",
                       external_data=prep.source.external or None, fidelity=fidelity)
+
+
+def _kept_outputs(analysis: ChannelAnalysis, removed: set[int]) -> dict[str, np.ndarray]:
+    """Per layer with prunable output channels: which of its original outputs the pruned layer still has."""
+    gone = np.array(sorted(removed), dtype=np.int64)
+    return {s.node: ~np.isin(analysis.root[s.elems], gone) for s in analysis.slots if s.role == "out"}
+
+
+def sparsity_report(model: onnx.ModelProto, covered: SparsifyRecord | SparsityReport,
+                    fidelity: FidelityReport | None = None, macs: int = 0, *, dense_size: tuple[int, int] | None = None,
+                    external_data: bool | None = None) -> SparsityReport:
+    """Density, sizes and NetScore of ``model``, over the layers ``covered`` lists (the pass's record, or
+    the float model's report when ``model`` is its int8 version: a weight is then zero when its int8
+    value is its zero point). NetScore needs ``fidelity`` and ``macs``."""
+    zeros, weights = weight_zeros(model, {l.node for l in covered.layers})
+    size, gz = stored_size(model, external_data=external_data)
+    quantized = isinstance(covered, SparsityReport)
+    nonzero = None if quantized else count_nonzero_params(model)  # int8 weights are not float parameters
+    accuracy, score = "", None
+    if fidelity is not None and macs and nonzero is not None:
+        name, value = fidelity.headline()
+        accuracy = f"{'held-out ' if fidelity.held_out else ''}{name} {value:.3f}"
+        score = netscore(value, nonzero, macs)
+    refit = covered.refit if quantized else any(l.error_refit is not None for l in covered.layers)
+    return SparsityReport(
+        target=covered.target, split=covered.split, refit=refit, weights=weights, zeros=zeros,
+        density=1 - zeros / weights if weights else 1.0, nonzero_params=nonzero, file_bytes=size, gzip_bytes=gz,
+        dense_file_bytes=dense_size[0] if dense_size else None, dense_gzip_bytes=dense_size[1] if dense_size else None,
+        netscore=score, accuracy=accuracy,
+        layers=[SparseLayerReport(l.node, l.weights, l.zeros, l.error_zeroed, l.error_refit) for l in covered.layers],
+        skipped=list(covered.skipped), float_zeros=covered.zeros if quantized else None)
 
 
 def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:

@@ -28,6 +28,65 @@ class RefitReport:
 
 
 @dataclass
+class SparseLayerReport:
+    node: str
+    weights: int
+    zeros: int
+    error_zeroed: float | None = None  # relative squared output error on calibration rows with the zeros alone
+    error_refit: float | None = None  # after the least-squares refit (None: not refitted)
+
+
+@dataclass
+class SparsityReport:
+    """``slim --sparsity``: the zeros inside the remaining layers, what they cost and what they save."""
+
+    target: float  # requested share of the layers' weights set to zero
+    split: str  # how the budget was spread over layers: sensitivity | uniform
+    refit: bool  # surviving weights re-solved on calibration data
+    weights: int  # weights of the Conv/Gemm/MatMul layers the pass covers (not excluded, not shared)
+    zeros: int  # of those, exactly zero in the output model
+    density: float  # nonzero share of those weights
+    nonzero_params: int | None  # all parameters that are not zero (NetScore's p; None for an int8 model)
+    file_bytes: int
+    gzip_bytes: int  # `gzip -9` of the file(s) as written
+    dense_file_bytes: int | None = None  # the same model before the zeros (what slim writes without --sparsity)
+    dense_gzip_bytes: int | None = None
+    storage: str = "dense"  # zeros stored inline in ordinary initializers (README, "Sparse weights")
+    netscore: float | None = None  # NetScore with nonzero parameters and dense MACs
+    accuracy: str = ""  # the fidelity NetScore used, e.g. "held-out detection AP@0.5 0.500"
+    layers: list[SparseLayerReport] = field(default_factory=list)  # as the pass left them (float)
+    skipped: list[str] = field(default_factory=list)  # layers left dense, and why
+    float_zeros: int | None = None  # int8 model: zeros of the float model it was quantized from
+
+    @property
+    def gzip_ratio(self) -> float | None:
+        return self.gzip_bytes / self.dense_gzip_bytes if self.dense_gzip_bytes else None
+
+    def summary_lines(self, label: str = "sparsity") -> list[str]:
+        if self.float_zeros is not None:  # the int8 model: what quantization did to the zeros
+            return [f"int8 sparsity: {self.zeros:,} of {self.weights:,} weights zero, density {self.density:.3f} "
+                    f"(float model: {self.float_zeros:,}; symmetric int8 keeps zeros zero, rounding adds "
+                    f"{self.zeros - self.float_zeros:,}); size {_kb(self.file_bytes)}, gzip -9 {_kb(self.gzip_bytes)}"]
+        lines = [f"{label}: {self.zeros:,} of {self.weights:,} weights zero (target {self.target:.1%}), density "
+                 f"{self.density:.3f}; split {self.split}, {'refitted' if self.refit else 'not refitted'}"]
+        fits = [l for l in self.layers if l.error_refit is not None]
+        if fits:
+            before = sum(l.error_zeroed or 0.0 for l in fits) / len(fits)
+            after = sum(l.error_refit for l in fits) / len(fits)
+            lines.append(f"  refitted {len(fits)} of {len(self.layers)} layers: mean relative output error "
+                         f"{before:.3f} -> {after:.3f}")
+        size = f"  size {_kb(self.file_bytes)}, gzip -9 {_kb(self.gzip_bytes)}"
+        if self.gzip_ratio is not None:
+            size += (f" = {self.gzip_ratio:.3f}x of the same model without the zeros ({_kb(self.dense_file_bytes)}, "
+                     f"gzip {_kb(self.dense_gzip_bytes)})")
+        lines.append(size + f"; zeros stored {self.storage}")
+        ns = f"NetScore {self.netscore:.2f}" if self.netscore is not None else "NetScore unknown (no fidelity)"
+        lines.append(f"  {ns} with {self.nonzero_params:,} nonzero parameters" +
+                     (f" and {self.accuracy}" if self.accuracy else ""))
+        return lines
+
+
+@dataclass
 class GroupReport:
     id: int
     layers: list[str]
@@ -100,6 +159,7 @@ class SlimReport:
     fidelity: dict | None = None
     fidelity_summary: str = ""
     finetune: dict | None = None
+    sparsity: SparsityReport | None = None
 
     @property
     def mac_ratio(self) -> float:
@@ -145,6 +205,8 @@ class SlimReport:
         if self.finetune:
             f = self.finetune
             lines.append(f"distilled {f.get('steps')} steps: loss {f.get('initial_loss', 0):.4f} -> {f.get('final_loss', 0):.4f}")
+        if self.sparsity is not None:
+            lines += self.sparsity.summary_lines()
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
         if self.output_rel_error and not self.fidelity_summary:
@@ -179,6 +241,7 @@ class CombinedReport:
     slim: Any
     quantize: Any
     fidelity: Any = None  # FidelityReport of the int8 model against the original fp32 one (end to end)
+    sparsity: SparsityReport | None = None  # ``--sparsity``: the zeros as they are in the int8 model
 
     def __post_init__(self) -> None:
         # The quantizer was handed the pruned model in memory; both halves are about the user's input file.
@@ -197,12 +260,15 @@ class CombinedReport:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "kind": "slim+int8", "slim": self.slim.to_dict(),
                 "quantize": self.quantize.to_dict(),
-                "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None}
+                "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
+                "sparsity": asdict(self.sparsity) if self.sparsity is not None else None}
 
     def summary(self) -> str:
         text = self.slim.summary() + "\n\n" + self.quantize.summary()
         if self.fidelity is not None:
             text += "\n\nend to end, original fp32 -> this int8 model: " + self.fidelity.summary()
+        if self.sparsity is not None:
+            text += "\n" + "\n".join(self.sparsity.summary_lines())
         return text
 
 
@@ -235,6 +301,10 @@ def dims_text(shapes: Mapping[str, Sequence[int]]) -> str:
 def short_name(label: str) -> str:
     """A model path shown as its file name (labels that are not paths stay as they are)."""
     return Path(label).name if os.sep in label else label
+
+
+def _kb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1024:.1f} KiB" if n < 2**20 else f"{n / 2**20:.2f} MiB"
 
 
 def _big(n: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import zlib
 from functools import cached_property
 from pathlib import Path
 from typing import Union
@@ -195,6 +196,61 @@ def save_atomic(model: onnx.ModelProto | ir.Model, path: str | os.PathLike, *, p
             f.write(proto.SerializeToString())
 
     return _atomic_write(out, write)
+
+
+GZIP_LEVEL = 9  # sizes are reported as `gzip -9` would compress the file(s)
+
+
+def stored_size(model: onnx.ModelProto | ir.Model, *, external_data: bool | None = None) -> tuple[int, int]:
+    """(bytes, gzip -9 bytes) of ``model`` as :func:`save_atomic` writes it (model and data file summed).
+
+    Measured on a real write to a temporary folder, so the figures are those of the file a user gets.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxprune-size-") as tmp:
+        path = save_atomic(model, Path(tmp) / "model.onnx", external_data=external_data)
+        files = [f for f in (path, external_data_path(path)) if f.exists()]
+        return sum(f.stat().st_size for f in files), sum(_gzip_size(f) for f in files)
+
+
+def _gzip_size(path: Path, chunk: int = 1 << 22) -> int:
+    """Compressed size of a file in the gzip container, streamed (never the whole file in memory)."""
+    comp = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # wbits 31: gzip header and trailer
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            size += len(comp.compress(block))
+    return size + len(comp.flush())
+
+
+def with_sparse_initializers(model: onnx.ModelProto, min_zero_share: float = 0.0) -> onnx.ModelProto:
+    """A copy of ``model`` whose float initializers with at least ``min_zero_share`` zeros (and at least one)
+    are stored as ONNX sparse initializers (values + int64 linear indices, the only index type
+    onnx.checker accepts).
+
+    Not what ``slim --sparsity`` writes (README, "Sparse weights": larger and compressing worse than
+    the dense layout at the sparsities that keep accuracy, and onnx-ir and ONNX's full shape
+    inference do not read them); kept for comparison and for runtimes that want it. ONNX Runtime
+    loads them, densified at session start, with the same outputs.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = []
+    for t in out.graph.initializer:
+        a = onnx.numpy_helper.to_array(t) if t.data_type in _SPARSE_TYPES else None
+        if a is None or a.size == 0 or np.count_nonzero(a) == a.size or 1 - np.count_nonzero(a) / a.size < min_zero_share:
+            keep.append(t)
+            continue
+        flat = a.reshape(-1)
+        nz = np.flatnonzero(flat)
+        out.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+            onnx.numpy_helper.from_array(flat[nz], t.name), onnx.numpy_helper.from_array(nz.astype(np.int64), t.name + "_indices"),
+            list(a.shape)))
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    return out
+
+
+_SPARSE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
 
 
 def _nbytes(model: onnx.ModelProto | ir.Model) -> int:

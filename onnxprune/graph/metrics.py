@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .shapes import Shape, infer_concrete_shapes
 
@@ -20,14 +21,81 @@ class ModelCost:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Floating-point weights: initializers and Constant nodes (shape constants and indices excluded)."""
+    """Floating-point weights: initializers (sparse ones at their dense size) and Constant nodes (shape
+    constants and indices excluded)."""
     total = sum(int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type in _FLOAT_TYPES)
+    total += sum(int(np.prod(t.dims)) for t in model.graph.sparse_initializer if t.values.data_type in _FLOAT_TYPES)
     for node in model.graph.node:
         if node.op_type == "Constant":
             for a in node.attribute:
                 if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
                     total += int(np.prod(a.t.dims))
     return total
+
+
+def count_nonzero_params(model: onnx.ModelProto) -> int:
+    """The parameters :func:`count_params` counts that are not exactly zero (NetScore's p for a sparse model).
+
+    Reads every weight: on a model whose weights are external and not loaded, use :func:`count_params`.
+    """
+    total = sum(int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer
+                if t.data_type in _FLOAT_TYPES)
+    total += sum(int(np.count_nonzero(numpy_helper.to_array(t.values))) for t in model.graph.sparse_initializer
+                 if t.values.data_type in _FLOAT_TYPES)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in _FLOAT_TYPES:
+                    total += int(np.count_nonzero(numpy_helper.to_array(a.t)))
+    return total
+
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def weight_zeros(model: onnx.ModelProto, nodes: Collection[str] | None = None) -> tuple[int, int]:
+    """(zeros, weights) of the constant weights of Conv/ConvTranspose/Gemm/MatMul nodes (only ``nodes`` when given).
+
+    A weight counts whether it is a float initializer, a sparse initializer, or an int8/uint8
+    initializer behind a DequantizeLinear (QDQ models; zero where it equals its zero point, which
+    dequantises to exactly 0). Each weight tensor is counted once however many nodes read it.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    sparse = {t.values.name: t for t in model.graph.sparse_initializer}
+    dq = {n.output[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    zeros = total = 0
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or (nodes is not None and node.name not in nodes):
+            continue
+        name = node.input[1]
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in inits and inits[name].data_type in _FLOAT_TYPES:
+            w = numpy_helper.to_array(inits[name])
+            zeros, total = zeros + int(w.size - np.count_nonzero(w)), total + int(w.size)
+        elif name in sparse:
+            n = int(np.prod(sparse[name].dims))
+            zeros, total = zeros + n - int(np.count_nonzero(numpy_helper.to_array(sparse[name].values))), total + n
+        elif name in dq and dq[name].input[0] in inits:
+            q = numpy_helper.to_array(inits[dq[name].input[0]]).astype(np.int64)
+            zp = _zero_point(dq[name], q, inits)
+            zeros, total = zeros + int(np.count_nonzero(q == zp)), total + int(q.size)
+    return zeros, total
+
+
+def _zero_point(dq: onnx.NodeProto, q: np.ndarray, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray | int:
+    """DequantizeLinear's zero point broadcast against ``q`` (0 when absent)."""
+    if len(dq.input) < 3 or not dq.input[2] or dq.input[2] not in inits:
+        return 0
+    zp = numpy_helper.to_array(inits[dq.input[2]]).astype(np.int64)
+    if zp.ndim == 0 or zp.size == 1:
+        return int(zp.reshape(-1)[0])
+    axis = _attr(dq, "axis", 1) % q.ndim
+    shape = [1] * q.ndim
+    shape[axis] = zp.size
+    return zp.reshape(shape)
 
 
 def count_macs(model: onnx.ModelProto, shapes: Mapping[str, Shape]) -> int:
