@@ -7,6 +7,9 @@
 - ``mask_channels``: the same selection zeroed in place; the oracle that ``remove_channels`` must match.
 - ``reconstruct``: least-squares refit of the layers whose inputs changed (label-free recovery).
 - ``relu_activations``: LeakyRelu/PRelu after int8 convs made ReLU, so ORT fuses them (lossy, refitted after).
+- ``sparsify``: unstructured magnitude sparsity of the remaining weights, split by a scan and refitted
+  (``slim --sparsity``; import ``onnxprune.passes.sparsify``: it reads ``onnxprune.sensitivity``, which imports
+  this package).
 """
 
 from .cleanup import CleanupRecord, cleanup

@@ -332,14 +332,6 @@ def _scan_job(shared: _ScanShared, item: tuple[str, float, dict[str, np.ndarray]
         for name, t in saved.items():  # the shared model stays as it was for the next job
             inits[name].CopyFrom(t)
     got = [np.concatenate(outs) for outs in zip(*(sess.run(None, {shared.input_name: x}) for x in shared.feeds))]
-    import os
-    if os.environ.get("SPX") == "var":  # EXPERIMENT
-        total = 0.0
-        for a, b in zip(shared.reference, got):
-            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-            axes = tuple(range(a.ndim - 1))
-            total += float((((b - a) ** 2).sum(axis=axes) / np.maximum(((a - a.mean(axis=axes)) ** 2).sum(axis=axes), 1e-12)).sum())
-        return total
     return distortion(shared.reference, got)
 
 
@@ -364,7 +356,7 @@ def _scan(model: ir.Model, layers: list[_Layer], dense: dict[str, np.ndarray], i
             if k < 1:
                 continue
             free = _theta_mask(l, _magnitude_keep(dense[l.node], k))
-            if refit:  # as the final refit does, on this layer's own (dense) inputs
+            if refit and l.out_name:  # as the final refit does, on this layer's own (dense) inputs
                 theta = _match_gain(l, _solve(l, G, H, n, theta0, free, ridge), G, want, free)
             else:
                 theta = np.where(free, theta0, 0.0)

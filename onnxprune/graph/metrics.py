@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Collection, Mapping
 
@@ -66,7 +67,7 @@ def weight_zeros(model: onnx.ModelProto, nodes: Collection[str] | None = None) -
     zeros = total = 0
     seen: set[str] = set()
     for node in model.graph.node:
-        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or (nodes is not None and node.name not in nodes):
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or (nodes is not None and _untiled(node.name) not in nodes):
             continue
         name = node.input[1]
         if name in seen:
@@ -83,6 +84,11 @@ def weight_zeros(model: onnx.ModelProto, nodes: Collection[str] | None = None) -
             zp = _zero_point(dq[name], q, inits)
             zeros, total = zeros + int(np.count_nonzero(q == zp)), total + int(q.size)
     return zeros, total
+
+
+def _untiled(name: str) -> str:
+    """A node's name before int8 row tiling copied it into strips (``passes/tile_rows.py``: ``NAME/strip3``)."""
+    return re.sub(r"/strip\d+$", "", name)
 
 
 def _zero_point(dq: onnx.NodeProto, q: np.ndarray, inits: Mapping[str, onnx.TensorProto]) -> np.ndarray | int:
