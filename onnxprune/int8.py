@@ -18,7 +18,7 @@ from .fidelity import TASKS
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
 from .graph.matching import match_nodes
-from .graph.runtime import check_batch, pieces, run_all, session
+from .graph.runtime import pieces, run_all, session
 from .graph.shapes import representative_shapes
 from .graph.skeleton import skeleton
 from .passes import equalize
@@ -211,8 +211,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
             thresholds = "mse"
     shapes = representative_shapes(original)
     split = CalibrationSplit.split(calibration, holdout, shapes)
-    check_batch(original, split.input_name)  # a batch fixed to 1 runs sample by sample; N > 1 is refused
-    check_task(original, calibration, task)  # before any expensive work
+    check_task(original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
     say("pre-processing for quantization")
     prep = prepare(original, simplify=True)  # BN folded, Identity removed: what equalisation needs
     graph = prep.model

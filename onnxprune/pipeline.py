@@ -32,7 +32,6 @@ from .graph.interface import restore_interface
 from .graph.io import ModelLike, ModelSource, materialize, save_atomic, stored_size
 from .graph.metrics import count_macs, count_nonzero_params, count_params, weight_zeros
 from .memory import release_memory
-from .graph.runtime import check_batch
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
 from .passes import cleanup, fold_batchnorm, remove_channels
 from .passes.sparsify import SparsifyRecord, check_sparsity, sparsify
@@ -221,8 +220,7 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
         warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
     else:
         calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
-        check_batch(prep.model, calib.input_name)  # a batch fixed to 1 runs sample by sample; N > 1 is refused
-        check_task(prep.original, calibration, task)  # before any expensive work
+        check_task(prep.original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
         calib.identities = identities
         say(f"collecting activation statistics on {calib.count} samples")
         moments = consumer_moments(prep.model, analysis, calib.input_name, calib.batches)
