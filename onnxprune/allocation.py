@@ -13,6 +13,7 @@ import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -51,13 +52,18 @@ class ParamCounter:
             shape[axis] = k
         return int(np.prod(shape, dtype=np.int64))
 
-    def gain(self, units: list[int]) -> int:
-        """Parameters saved by removing ``units`` now (without removing them)."""
+    def changes(self, units: list[int]) -> dict[str, dict[int, int]]:
+        """Per initializer axis touched by ``units``: how many positions it would keep without them."""
         changes: dict[str, dict[int, int]] = defaultdict(dict)
         for u in units:
             for value, axis, c in self.unit_positions.get(u, ()):
                 cur = changes[value].get(axis, self.kept[value][axis])
                 changes[value][axis] = cur - c
+        return changes
+
+    def gain(self, units: list[int]) -> int:
+        """Parameters saved by removing ``units`` now (without removing them)."""
+        changes = self.changes(units)
         saved = 0
         for value, axes in changes.items():
             saved += self._size(value, self.kept[value]) - self._size(value, {**self.kept[value], **axes})
@@ -76,18 +82,33 @@ def allowed_sizes(n: int, fixed: int, round_to: int, min_keep_frac: float) -> li
     return [k for k in range(top, floor - 1, -round_to) if k >= floor and k > 0]
 
 
-def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed: int, *,
-             round_to: int = 16, min_keep_frac: float = 0.1, tolerance: int = 0,
-             chunk_guard: bool = True, sensitivity: dict | None = None) -> Allocation:
-    """Choose units to remove so that about ``target_removed`` parameters go.
+class Budget(Protocol):
+    """What the allocator spends: parameters (:class:`ParamCounter`) or latency
+    (:class:`onnxprune.budget.speed.LatencyCounter`)."""
 
-    Greedy over steps: each group offers its next step (the lowest-scored units that bring its
-    width to the next allowed size); the globally cheapest step is taken while it fits in
-    ``target_removed + tolerance``. Without ``sensitivity`` a step costs its mean group-normalised
-    score; with it (group id -> :class:`~onnxprune.sensitivity.GroupSensitivity`) a step costs the
-    output distortion it adds per parameter it saves.
+    total: float
+
+    def gain(self, units: list[int]) -> float: ...
+
+    def remove(self, units: list[int]) -> None: ...
+
+
+def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed: float, *,
+             round_to: int = 16, min_keep_frac: float = 0.1, tolerance: float = 0,
+             chunk_guard: bool = True, sensitivity: dict | None = None, budget: Budget | None = None) -> Allocation:
+    """Choose units to remove so that about ``target_removed`` of the budget goes.
+
+    The budget is parameters unless ``budget`` says otherwise. Greedy over steps: each group offers
+    its next step (the lowest-scored units that bring its width to the next allowed size). With a
+    parameter budget the globally cheapest step is taken while it fits in ``target_removed +
+    tolerance``; any other budget is a floor (a speed-up to reach): cheapest steps are taken until
+    ``target_removed`` is met. Without ``sensitivity`` a step costs its mean group-normalised score
+    (per unit of budget it saves, for a budget other than parameters); with it (group id ->
+    :class:`~onnxprune.sensitivity.GroupSensitivity`) a step costs the output distortion it adds
+    per unit of budget it saves.
     """
-    counter = ParamCounter(analysis)
+    counter = budget if budget is not None else ParamCounter(analysis)
+    per_budget = budget is not None  # score-only costs are divided by what a step saves
     plans: dict[int, list[list[int]]] = {}
     step_scores: dict[int, list[float]] = {}
     for group in analysis.groups:
@@ -116,11 +137,14 @@ def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed
 
     def cost(g: int, i: int) -> float:
         if sensitivity is None or g not in sensitivity:
-            return step_scores[g][i] if sensitivity is None else float("inf")
+            if sensitivity is not None:
+                return float("inf")
+            return _per_saving(step_scores[g][i], counter.gain(plans[g][i])) if per_budget else step_scores[g][i]
         gone = per_group[g][0] - per_group[g][1]
         n = max(n_prunable[g], 1)
         added = sensitivity[g].at((gone + len(plans[g][i])) / n) - sensitivity[g].at(gone / n)
-        return added / max(counter.gain(plans[g][i]), 1)
+        gain = counter.gain(plans[g][i])
+        return _per_saving(added, gain) if per_budget else added / max(gain, 1)
 
     heap = [(cost(g, 0), g, 0) for g in plans]
     heapq.heapify(heap)
@@ -132,7 +156,7 @@ def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed
         if guard is not None:
             step = guard.filter(step, removed)
         gain = counter.gain(step)
-        if saved + gain > target_removed + tolerance:
+        if not per_budget and saved + gain > target_removed + tolerance:
             continue  # this group stops here; smaller steps elsewhere may still fit
         counter.remove(step)
         removed.update(step)
@@ -142,6 +166,12 @@ def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed
         if i + 1 < len(plans[g]) and len(step) == len(plans[g][i]):
             heapq.heappush(heap, (cost(g, i + 1), g, i + 1))
     return Allocation(removed, counter.total, saved, target_removed, per_group)
+
+
+def _per_saving(loss: float, gain: float) -> float:
+    """Loss per unit of budget saved. Steps that save nothing (or cost: a width off the kernels'
+    vector size can be slower) come after every step that saves, ordered by their loss."""
+    return loss / gain if gain > 0 else 1e30 * (1.0 + max(loss, 0.0))
 
 
 def _channels_per_unit(analysis: ChannelAnalysis, unit: int) -> int:

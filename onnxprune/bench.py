@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -209,22 +209,26 @@ def ratio_quartiles(num: np.ndarray, den: np.ndarray) -> tuple[float, float, flo
 
 
 def interleaved_times(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int,
-                      warmup: int, seed: int = 0, progress: Progress | None = None) -> np.ndarray:
-    """[runs, models] latencies in ms, every model once per round in a shuffled order (see module doc)."""
-    return _interleaved(sessions, feeds, runs, warmup, np.random.default_rng(seed), progress)
+                      warmup: int, seed: int = 0, progress: Progress | None = None, *, what: str = "timing",
+                      clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
+    """[runs, models] latencies in ms, every model once per round in a shuffled order (see module doc).
+    ``clock``: wall time by default; ``time.thread_time`` counts only the calling thread's CPU time
+    (single-thread sessions on a loaded machine: preemption is not counted)."""
+    return _interleaved(sessions, feeds, runs, warmup, np.random.default_rng(seed), progress, what, clock)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
 def _interleaved(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int, warmup: int,
-                 rng: np.random.Generator, progress: Progress | None = None, what: str = "timing") -> np.ndarray:
+                 rng: np.random.Generator, progress: Progress | None = None, what: str = "timing",
+                 clock: Callable[[], float] = time.perf_counter) -> np.ndarray:
     times = np.zeros((runs, len(sessions)))
     say = progress or log_progress
     for r in range(warmup + runs):
         for i in rng.permutation(len(sessions)):
-            start = time.perf_counter()
+            start = clock()
             sessions[i].run(None, feeds)
             if r >= warmup:
-                times[r - warmup, i] = (time.perf_counter() - start) * 1000.0
+                times[r - warmup, i] = (clock() - start) * 1000.0
         say(what, r + 1, warmup + runs)  # after the timed region: drawing a bar must not be timed
     return times
 

@@ -13,19 +13,22 @@ from pathlib import Path
 from typing import Sequence
 
 from . import __version__
-from .errors import ConfigError, OnnxPruneError
+from .errors import ConfigError, OnnxPruneError, TargetUnreachableError
 from .executors import EXECUTORS, make_executor
 from .calibration import PRESETS, Preprocess, load_calibration, load_identities, parse_floats, parse_size
 from .calibration.presets import infer_preset, preset_help
-from .calibration.split import CalibrationSplit, check_task
+from .calibration.split import check_task
 from .fidelity import TASKS
-from .graph.io import check_writable, load_proto, write_text_atomic
+from .graph.io import check_writable, load_proto, save_atomic, write_text_atomic
 from .graph.shapes import parse_input_shape
-from .int8 import DEFAULT_THRESHOLDS, quantize
+from .int8 import DEFAULT_THRESHOLDS
 from .progress import ConsoleProgress, configure_logging
-from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze, slim
+from .budget.target import SpeedTarget
+from .compress import PruneOptions, QuantizeOptions, compress
+from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze
 from .quantization import THRESHOLDS
-from .report import CombinedReport, write_json
+from .quantization.prelu import PRELU_MODES
+from .report import write_json
 from .saliency.criteria import DESCRIPTIONS
 
 SAMPLE_PREFIX = "sample:"
@@ -128,6 +131,9 @@ class _PresetAction(argparse.Action):
 
 RELU_HELP = ("make LeakyRelu/PRelu after int8 convs ReLU, which ORT fuses into the conv (faster on CPU; changes the "
              "function: the next layers are refitted on --calib and the fidelity reported includes it)")
+PRELU_HELP = ("PReLU layers rewritten exactly into ops ONNX Runtime runs fast in an int8 model (it has no int8 PRelu, "
+              "and its float one is slow): auto (default) times the two rewrites on the model and keeps the faster, "
+              "split rewrites every one, keep none")
 TILE_HELP = ("do not run the full-resolution first layers in cache-sized strips of rows (on by default where it "
              "applies; same outputs, faster on detector stems)")
 
@@ -176,8 +182,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     crit = "; ".join(f"{k}: {v}" for k, v in DESCRIPTIONS.items())
     p = sub.add_parser("slim", parents=[common, calib], help="remove channels to shrink a model",
-                       description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are gone.")
-    p.add_argument("--ratio", type=_ratio, required=True, help="share of parameters to remove, in [0, 1)")
+                       description="Remove whole channels (a smaller dense graph) until --ratio of the parameters are "
+                                   "gone, or until the model runs --speedup times faster on ONNX Runtime.")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--ratio", type=_ratio, help="share of parameters to remove, in [0, 1)")
+    budget.add_argument("--speedup", type=float, metavar="S",
+                        help="latency target: original/compressed on --providers with --threads at the analysis "
+                             "shape (with --int8: the int8 model against the float original); channels are chosen "
+                             "by fidelity lost per millisecond saved, from per-layer times measured on this machine "
+                             "(cached); the report gives predicted and measured speed-up")
+    p.add_argument("--stages", type=int, metavar="N",
+                   help="prune in N steps, each refitted (and distilled with --finetune-steps) and rescored before "
+                        "the next (default 1 with --ratio; with --speedup, enough that no stage buys more than 2x)")
+    p.add_argument("--providers", default="CPUExecutionProvider", metavar="EP",
+                   help="with --speedup: the execution provider the target is measured on (default CPUExecutionProvider)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="with --speedup: intra-op threads (default 1)")
+    p.add_argument("--save-plan", metavar="PLAN.json",
+                   help="also write the pruning plan (kept channels per layer and the graph they fit), to re-apply "
+                        "with `onnxprune apply-plan` to retrained weights of the same architecture")
+    p.add_argument("--strict", action="store_true",
+                   help="with --speedup: an unreachable target is an error (exit 1, nothing written) instead of a "
+                        "warning with the best model reached")
     p.add_argument("--sparsity", type=_ratio, default=0.0, metavar="S",
                    help="then set this share of the remaining Conv/Gemm/MatMul weights to zero, in [0, 1) (smallest "
                         "magnitudes, spread by a per-layer scan and refitted with --calib; the file compresses, "
@@ -205,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"with --int8: how activation ranges are chosen (default {DEFAULT_THRESHOLDS})")
     p.add_argument("--relu", action="store_true", help="with --int8: " + RELU_HELP)
     p.add_argument("--no-tile", action="store_true", help="with --int8: " + TILE_HELP)
+    p.add_argument("--prelu", choices=PRELU_MODES, default="auto", help="with --int8: " + PRELU_HELP)
 
     q = sub.add_parser("quantize", parents=[common, calib],
                        help="static int8 quantization (QDQ) with calibrated activation ranges",
@@ -218,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
     q.add_argument("--relu", action="store_true", help=RELU_HELP)
     q.add_argument("--no-tile", action="store_true", help=TILE_HELP)
+    q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
     q.add_argument("--max-drop", type=float, metavar="X",
                    help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
 
@@ -262,7 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`onnxprune: error: point ...` line each, after all results are written); 2 on a "
                                    "usage or input error.")
     w.add_argument("models", nargs="+", help=".onnx files or sample:NAME")
-    w.add_argument("--ratios", required=True, metavar="R,R,...", help="shares of parameters to remove, e.g. 0.3,0.5,0.69")
+    w.add_argument("--ratios", metavar="R,R,...", help="shares of parameters to remove, e.g. 0.3,0.5,0.69")
+    w.add_argument("--speedups", metavar="S,S,...",
+                   help="latency targets (as slim --speedup; with --int8 the int8 model's), e.g. 1.5,2,3; an axis "
+                        "beside --ratios (at least one of the two)")
     w.add_argument("--criteria", metavar="C,C,...", help=f"channel criteria (default: {CALIBRATED_CRITERION}). {crit}")
     w.add_argument("--int8", action="store_true", help="quantize every point (with --no-int8 too: both variants)")
     w.add_argument("--no-int8", action="store_true", help="float points (the default)")
@@ -285,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("analyze", parents=[common], help="show channel groups and why some cannot be pruned",
                    description="List coupled channel groups, which are prunable, and the reason for the others.")
+
+    a = sub.add_parser("apply-plan", parents=[calib], help="re-apply a saved pruning plan (slim --save-plan)",
+                       description="Remove the channels a plan removed (slim --save-plan PLAN.json), e.g. from next "
+                                   "week's retrained weights of the same architecture. A plan for another graph is "
+                                   "refused. With --calib the layers after removed channels are refitted and "
+                                   "held-out fidelity is reported. --sparsity zeros are not part of a plan.")
+    a.add_argument("model", help="input .onnx file, or sample:NAME")
+    a.add_argument("plan", help="the plan JSON written by slim --save-plan")
+    a.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
+    a.add_argument("--no-simplify", action="store_true", help="do not run onnxsim (give it if the plan's slim did)")
+    a.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    a.add_argument("--report", help=argparse.SUPPRESS)
+    a.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    a.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE)
 
     from .video import commands as video_commands
     video_commands.add_arguments(
@@ -311,6 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .video import commands as video_commands
             report = (video_commands.gate_command(args, progress, _model_arg, _default_output)
                       if args.command == "gate" else video_commands.video_command(args, progress, _model_arg))
+        elif args.command == "apply-plan":
+            report = _apply_plan(args, _model_arg(args.model), progress)
         elif args.command == "analyze":
             report = analyze(_model_arg(args.model), input_shapes=_shapes(args.input_shape), exclude=args.exclude,
                              simplify=not args.no_simplify, progress=progress)
@@ -318,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = _slim_or_quantize(args, _model_arg(args.model), progress)
         if args.json and args.command != "check":
             write_json(report, args.json)
+    except TargetUnreachableError as exc:  # --strict: a verdict on the model, as a failed `check` threshold
+        progress.done()
+        print(f"onnxprune: error: {exc}", file=sys.stderr)
+        return 1
     except OnnxPruneError as exc:
         progress.done()
         print(f"onnxprune: error: {exc}", file=sys.stderr)
@@ -360,16 +410,13 @@ def _sweep(args: argparse.Namespace, progress: ConsoleProgress):
     models = [_model_arg(m) for m in args.models]
     if args.calib is None:
         raise ConfigError("sweep needs calibration data (--calib) to measure fidelity")
-    try:
-        ratios = tuple(float(r) for r in args.ratios.split(",") if r.strip())
-    except ValueError:
-        raise ConfigError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
+    ratios, speedups = _numbers(args.ratios, "--ratios"), _numbers(args.speedups, "--speedups")
     criteria = tuple(c.strip() for c in args.criteria.split(",") if c.strip()) if args.criteria else (None,)
     int8 = tuple(v for v, on in ((False, args.no_int8 or not args.int8), (True, args.int8)) if on)
     options = SweepOptions(ratios=ratios, criteria=criteria, int8=int8, task=args.task, thresholds=args.thresholds,
                            round_to=args.round_to, holdout=args.holdout,
                            input_shapes=tuple(sorted(_shapes(args.input_shape).items())), runs=args.runs,
-                           seed=args.seed, relu=args.relu)
+                           seed=args.seed, relu=args.relu, speedups=speedups)
     options.validate()
     calibration = [_calibration(args, m, progress) for m in models]  # each model in its own input format
     with make_executor(args.executor, workers=args.workers, address=args.ray_address, retries=args.retries) as ex:
@@ -407,6 +454,21 @@ def _accuracy(text: str | None, n_models: int) -> dict[int, float]:
         return {i: float(p) for i, p in enumerate(parts) if p.strip()}
     except ValueError:
         raise ConfigError(f"--accuracy must be comma-separated numbers in (0, 1], got {text!r}") from None
+
+
+def _apply_plan(args: argparse.Namespace, model: str, progress: ConsoleProgress):
+    from .plan import Plan, apply_plan
+    plan = Plan.load(args.plan)
+    output = Path(args.output) if args.output else _default_output(model, ".slim.onnx")
+    if output.exists() and output.resolve() == Path(model).resolve():
+        raise ConfigError(f"refusing to overwrite the input model {model}; choose another -o")
+    check_writable(output)
+    calibration = _calibration(args, model, progress)
+    result = apply_plan(model, plan, calibration=calibration, holdout=args.holdout, task=args.task,
+                        simplify=not args.no_simplify, progress=progress)
+    progress("writing")
+    save_atomic(result.model, output, protect=[Path(model)])
+    return result
 
 
 def _write_report(report, directory: str, preview: str, quiet: bool) -> None:
@@ -453,13 +515,33 @@ def _check(args: argparse.Namespace, progress: ConsoleProgress):
     return report, report.exit_code
 
 
+def _numbers(text: str | None, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(r) for r in (text or "").split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def _speed_target(args: argparse.Namespace, int8: bool) -> SpeedTarget | None:
+    if args.speedup is None:
+        for flag, given in (("--strict", args.strict), ("--threads", args.threads != 1),
+                            ("--providers", args.providers != "CPUExecutionProvider")):
+            if given:
+                raise ConfigError(f"{flag} only applies with --speedup")
+        return None
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    return SpeedTarget(args.speedup, providers, args.threads, int8=int8, strict=args.strict)
+
+
 def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsoleProgress):
     int8 = args.command == "quantize" or args.int8
     if args.relu and not int8:
         raise ConfigError("--relu only applies with --int8")
     if args.no_tile and not int8:
         raise ConfigError("--no-tile only applies with --int8")
-    from .pipeline import check_sparsity, sparsity_report
+    if args.prelu != "auto" and not int8:
+        raise ConfigError("--prelu only applies with --int8")
+    from .pipeline import check_sparsity
     sparsity = getattr(args, "sparsity", 0.0)  # slim only
     check_sparsity(sparsity)  # before the calibration data is loaded
     if sparsity and args.relu:
@@ -472,38 +554,39 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
     check_writable(output)
     if args.json:
         check_writable(args.json)
+    if getattr(args, "save_plan", None):
+        check_writable(args.save_plan)
+    quant = QuantizeOptions(thresholds=args.thresholds, relu=args.relu, tile=not args.no_tile, prelu=args.prelu,
+                            **({} if args.command != "quantize" else
+                               dict(per_channel=not args.per_tensor, exclude=tuple(args.exclude),
+                                    equalize=not args.no_equalize, max_drop=args.max_drop))) if int8 else None
+    prune = None
+    if args.command == "slim":
+        target = _speed_target(args, int8)
+        prune = PruneOptions(
+            ratio=args.ratio, speedup=target.speedup if target else None, stages=args.stages,
+            providers=target.providers if target else PruneOptions.providers, threads=args.threads,
+            strict=args.strict, criterion=args.criterion, round_to=args.round_to, exclude=tuple(args.exclude),
+            input_shapes=tuple(_shapes(args.input_shape).items()),
+            min_keep=args.min_keep, simplify=not args.no_simplify, allocation=args.allocation,
+            recover=False if args.no_recover else None, finetune_steps=args.finetune_steps, sparsity=sparsity,
+            workers=args.workers)
     calibration = _calibration(args, model, progress)
     if int8 and calibration is None:
         raise ConfigError("int8 quantization needs calibration data (--calib)")
-    if args.command == "quantize":
-        result = quantize(model, calibration, thresholds=args.thresholds, per_channel=not args.per_tensor,
-                          exclude=args.exclude, holdout=args.holdout, task=args.task,
-                          equalize_ranges=not args.no_equalize, max_drop=args.max_drop, relu=args.relu,
-                          tile=not args.no_tile, progress=progress)
+    identities = (load_identities(args.identities, load_proto(model), calibration)
+                  if getattr(args, "identities", None) and calibration is not None and prune is not None else None)
+    run = dict(prune=prune, quantize=quant, calibration=calibration, holdout=args.holdout, task=args.task,
+               identities=identities, progress=progress)
+    if prune is None:
+        result = compress(model, **run)
     else:
         with make_executor(args.executor, workers=args.workers, address=args.ray_address) as executor:
-            result = slim(model, args.ratio, criterion=args.criterion, round_to=args.round_to, exclude=args.exclude,
-                          input_shapes=_shapes(args.input_shape), min_keep=args.min_keep,
-                          simplify=not args.no_simplify, calibration=calibration, allocation=args.allocation,
-                          recover=False if args.no_recover else None, holdout=args.holdout, task=args.task,
-                          workers=args.workers, executor=executor, finetune_steps=args.finetune_steps,
-                          identities=load_identities(args.identities, load_proto(model), calibration)
-                          if args.identities and calibration is not None else None, sparsity=sparsity,
-                          progress=progress)
-        if int8:
-            slim_report = result.report
-            preview = result.preview
-            result = quantize(result.model, calibration, thresholds=args.thresholds, holdout=args.holdout,
-                              task=args.task, relu=args.relu, tile=not args.no_tile, progress=progress)
-            progress("end-to-end fidelity")
-            end_to_end = CalibrationSplit.held_out_fidelity(calibration, args.holdout, slim_report.input_shapes,
-                                                            load_proto(model), result.model, args.task)
-            result.report = CombinedReport(slim_report, result.report, end_to_end)
-            if slim_report.sparsity is not None:  # symmetric int8 weights keep zeros zero; measured, not assumed
-                result.report.sparsity = sparsity_report(result.model, slim_report.sparsity)
-            result.preview = result.preview or preview
+            result = compress(model, executor=executor, **run)
     progress("writing")
     result.save(output, protect=[model])
+    if getattr(args, "save_plan", None):
+        result.plan.save(args.save_plan)
     result.report.output = str(output)
     if args.report:
         _write_report(result.report, args.report, getattr(result, "preview", ""), args.quiet)

@@ -27,3 +27,7 @@ class VerificationError(OnnxPruneError):
 
     This is a bug in onnxprune, reported as a clear line rather than a broken output file.
     """
+
+
+class TargetUnreachableError(OnnxPruneError):
+    """A speed target that the model cannot reach, under ``--strict`` (nothing is written)."""

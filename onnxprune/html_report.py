@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .graph.io import write_text_atomic
-from .report import _finite, dims_text
+from .report import _finite, budget_text, dims_text
 
 PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
 
@@ -191,7 +191,7 @@ def frontier(rows: list[dict], width: int = 760, height: int = 360) -> str:
     for r in pts:
         x, y = xy(r["latency_ratio"], r["fidelity"])
         c = PALETTE[models.index(r["model"]) % len(PALETTE)]
-        tip = _esc(f"{r['model']} ratio {r['ratio']} {r['criterion']}{' int8' if r['int8'] else ''}: "
+        tip = _esc(f"{r['model']} {budget_text(r.get('ratio'), r.get('speedup'))} {r['criterion']}{' int8' if r['int8'] else ''}: "
                    f"fidelity {r['fidelity']:.4f}, latency x{r['latency_ratio']:.3f}")
         ring = ' stroke="#000" stroke-width="2"' if r.get("pareto") else ""
         out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{c}"{ring}><title>{tip}</title></circle>')
@@ -203,7 +203,7 @@ def frontier(rows: list[dict], width: int = 760, height: int = 360) -> str:
 
 
 def _sweep_section(r: dict) -> str:
-    cols = ("model", "ratio", "criterion", "int8", "achieved_ratio", "fidelity", "fidelity_metric", "latency_ratio",
+    cols = ("model", "ratio", "speedup", "criterion", "int8", "achieved_ratio", "fidelity", "fidelity_metric", "latency_ratio",
             "size_bytes", "pareto", "status", "error")
     head = "".join(f"<th>{c}</th>" for c in cols)
 

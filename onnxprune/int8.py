@@ -29,6 +29,7 @@ from .pipeline import prepare
 from .progress import Progress, log_progress
 from .quantization.qdq import check_float32, decode_tail
 from .quantization.latency import slow_int8_layers
+from .quantization.prelu import PreluChoice, check_prelu_mode, rewrite_prelu
 from .quantization.layer_error import WEIGHTED_OPS, LayerError, layer_errors, worst_layers
 from .quantization import (THRESHOLDS, check_not_quantized, int8_kernels, is_int8_kernel, pre_process, quantize_qdq,
                            to_opset13)
@@ -59,6 +60,7 @@ class QuantizeReport:
     layer_errors: list[dict] = field(default_factory=list)  # per quantized tensor, see quantization/layer_error.py
     relu_replaced: list[str] = field(default_factory=list)  # LeakyRelu/PRelu nodes made Relu (``relu=True``)
     tiled: dict | None = None  # the float prefix run in row strips (``tile=True``): nodes, strips
+    prelu: dict | None = None  # exact PRelu rewrites before int8 (``prelu=``): PreluChoice.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": 1, "kind": "quantize", **asdict(self)}
@@ -77,6 +79,8 @@ class QuantizeReport:
             lines.append(f"kept in float: {', '.join(self.excluded[:8])}" + (" ..." if len(self.excluded) > 8 else ""))
         if self.relu_replaced:
             lines.append(f"activations made ReLU (fused into int8 convs, then refitted): {len(self.relu_replaced)}")
+        if self.prelu:
+            lines.append(PreluChoice.from_dict(self.prelu).summary())
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
         lines += self._worst_layers()
@@ -177,7 +181,7 @@ def most_harmful_layer(float_model: onnx.ModelProto, rows: Sequence[LayerError],
 def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str = DEFAULT_THRESHOLDS,
              per_channel: bool = True, exclude: Sequence[str] = (), holdout: float = 0.25, task: str = "auto",
              equalize_ranges: bool = True, max_drop: float | None = None, max_float_layers: int = 8,
-             float_slow_layers: bool = True, relu: bool = False, tile: bool = True,
+             float_slow_layers: bool = True, relu: bool = False, tile: bool = True, prelu: str = "auto",
              progress: Progress | None = None) -> QuantizeResult:
     """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``.
 
@@ -192,12 +196,16 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     (``passes/relu_activations.py``); the reported fidelity includes that change.
     ``tile`` runs the full-resolution layers of the result in strips of rows (``passes/tile_rows.py``):
     the same outputs, faster where those layers are bound by memory traffic (detector stems).
+    ``prelu`` rewrites PRelu nodes exactly into ops ORT runs fast (``passes/prelu_split.py``; it has no
+    int8 PRelu): ``auto`` (default) where timing on the model says so, ``split`` all, ``keep`` none.
+    With ``relu`` the nearly-ReLU ones become ReLU first; the rest are rewritten exactly.
     """
     start = time.perf_counter()
     if thresholds not in THRESHOLDS:
         raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {thresholds!r}")
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    check_prelu_mode(prelu)
     say = progress or log_progress
     notes: list[str] = []
     original = load_proto(model)
@@ -222,7 +230,9 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     if equalize_ranges:
         graph, eq = equalize(graph)
         notes.append(f"cross-layer equalisation on {len(eq.pairs)} conv pairs")
+    graph, prelu_done = rewrite_prelu(graph, prelu, split.input_name, split.batches, exclude=exclude, progress=say)
     pre = pre_process(to_opset13(ir.to_proto(graph)))
+    float_ops = [n.name for n in pre.graph.node if n.name in set(prelu_done.float_nodes)]  # exact slopes
     excluded, unmatched = _matching(pre, exclude)
     notes += [f"--exclude {p!r} matched no node" for p in unmatched]
     if float_slow_layers:
@@ -241,7 +251,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         say("activation ranges (mse) to start from")
         init = compute_ranges(pre, split.input_name, split.batches, "mse", say)
         first, _ = quantize_qdq(pre, split.input_name, split.batches, thresholds="mse", ranges=init,
-                                per_channel=per_channel, exclude_nodes=excluded)
+                                per_channel=per_channel, exclude_nodes=excluded + float_ops)
         say("training activation thresholds")
         ranges, train_notes = train_ranges(pre, split.input_name, split.batches, init=init, qdq=first,
                                            progress=say)
@@ -249,7 +259,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     def attempt(ranges, exclude_nodes: list[str]):
         """Quantize, measure each layer (on ``pre``'s names, so before restoring the interface), evaluate."""
         q, rec = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
-                              per_channel=per_channel, exclude_nodes=exclude_nodes, progress=say)
+                              per_channel=per_channel, exclude_nodes=[*exclude_nodes, *float_ops], progress=say)
         say("per-layer quantization error")
         table = layer_errors(pre, q, split.input_name, split.batches)
         q = restore_interface(q, original)
@@ -284,5 +294,5 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
         ranges=len(record.ranges), fidelity=fidelity.to_dict() if fidelity else None,
         fidelity_summary=fidelity.summary() if fidelity else "", notes=notes + record.notes,
         seconds=time.perf_counter() - start, layer_errors=[r.to_dict() for r in rows], relu_replaced=replaced,
-        tiled=tiled)
+        tiled=tiled, prelu=prelu_done.to_dict() if prelu_done.summary() else None)
     return QuantizeResult(quantized, report, split.preview)

@@ -17,28 +17,29 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .allocation import allocate
+from .budget.speed import CostModel
+from .budget.target import SpeedTarget, auto_stages, check_stages, measure_speedup
 from .calibration import CalibrationSet
 from .calibration.split import CalibrationSplit, check_task
-from .calibration.activations import consumer_moments
 from .bench import netscore
 from .fidelity import TASKS, FidelityReport
-from .passes.reconstruct import LayerFit, reconstruct
-from .sensitivity import scan
 from .channels.analysis import ChannelAnalysis, analyze_channels
-from .errors import ConfigError, NothingToPruneError
+from .errors import ConfigError, NothingToPruneError, TargetUnreachableError
 from .executors import TaskExecutor
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, ModelSource, materialize, save_atomic, stored_size
 from .graph.metrics import count_macs, count_nonzero_params, count_params, weight_zeros
 from .memory import release_memory
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
-from .passes import cleanup, fold_batchnorm, remove_channels
+from .passes import cleanup, fold_batchnorm, prelu_split
+from .plan import Plan, make_plan
 from .passes.sparsify import SparsifyRecord, check_sparsity, sparsify
 from .quantization.qdq import check_not_quantized
 from .progress import Progress, log_progress
-from .report import AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport, SparseLayerReport, SparsityReport
-from .saliency.criteria import NEEDS_CALIBRATION, ScoreContext, get_criterion
+from .report import (AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport, SparseLayerReport,
+                     SparsityReport, SpeedReport, StageReport)
+from .saliency.criteria import NEEDS_CALIBRATION, get_criterion
+from .stages import LatencyBudget, ParamBudget, Stage, StageContext, run_stage
 from .verify import verify
 
 # Channel counts are kept multiples of this by default: see benchmarks/channel_rounding.py and README.
@@ -89,6 +90,7 @@ class SlimResult:
     preview: str = ""  # SVG of detections on a held-out photo (detectors with calibration data)
     external_data: bool | None = None  # save weights beside the model (None: only if too big for one protobuf)
     fidelity: FidelityReport | None = None  # held-out fidelity (also in ``report.fidelity`` as a dict)
+    plan: Plan | None = None  # the kept channels, replayable on the same architecture (``apply_plan``)
 
     def save(self, path: str | Path, *, protect: Sequence[str | Path] = ()) -> Path:
         return save_atomic(self.model, path, protect=[Path(p) for p in protect], external_data=self.external_data)
@@ -173,13 +175,25 @@ def _group_reports(analysis: ChannelAnalysis) -> list[GroupReport]:
     return out
 
 
-def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_to: int = DEFAULT_ROUND_TO,
+def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | SpeedTarget | None = None,
+         stages: int | None = None, criterion: str | None = None, round_to: int = DEFAULT_ROUND_TO,
          exclude: Sequence[str] = (), input_shapes: Mapping[str, Shape] | None = None, min_keep: float = 0.1,
          simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
          recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
          finetune_steps: int = 0, identities: tuple[np.ndarray, list[str]] | None = None,
-         executor: TaskExecutor | None = None, sparsity: float = 0.0, progress: Progress | None = None) -> SlimResult:
-    """Remove about ``ratio`` of the model's parameters by deleting whole channels.
+         executor: TaskExecutor | None = None, sparsity: float = 0.0, latency_cache: Path | None | str = "default",
+         cost_model: CostModel | None = None, progress: Progress | None = None) -> SlimResult:
+    """Remove whole channels: about ``ratio`` of the model's parameters, or as many as it takes to
+    make it ``speedup`` times faster (exactly one of the two).
+
+    ``speedup`` (a number, or a :class:`~onnxprune.budget.target.SpeedTarget` naming the execution
+    provider, threads, whether the int8 version is what must be fast, and whether an unreachable
+    target is an error) spends the budget in milliseconds predicted by a cost model measured layer
+    by layer in ONNX Runtime on this machine (``onnxprune/budget/latency.py``, cached on disk;
+    ``latency_cache=None`` keeps it in memory; ``cost_model`` replaces it, e.g. with times measured on
+    the target board), and the report gives predicted and measured speed-up.
+    ``stages`` prunes in that many steps, each refitted (and distilled) before the next is scored;
+    default 1 for ``ratio``, and enough stages for ``speedup`` that none buys more than 2x.
 
     With ``calibration`` (unlabelled samples in the model's input format, see
     :func:`onnxprune.calibration.load_calibration`) channels are scored on activations, the budget
@@ -195,10 +209,93 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
     :class:`~onnxprune.errors.OnnxPruneError` subclasses for bad input.
     """
     start = time.perf_counter()
-    _check_options(ratio, round_to, min_keep, allocation, task, holdout)
+    target = _speed_target(ratio, speedup)
+    ratio = 0.0 if target is not None else ratio
+    check_options(ratio, round_to, min_keep, allocation, task, holdout)
     check_sparsity(sparsity)
+    check_stages(stages)
     criterion = criterion or (CALIBRATED_CRITERION if calibration is not None else DEFAULT_CRITERION)
-    score_fn = get_criterion(criterion)
+    _check_calibration_needs(calibration, criterion, recover, finetune_steps)
+    say = progress or log_progress
+    prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
+    rewrites = fast_prelu(prep) if target is not None and not target.int8 else ()
+    say("analysing channel dependencies")
+    analysis = analyze_channels(prep.model, prep.shapes, exclude)
+    warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
+    if (ratio > 0 or target is not None) and not analysis.prunable_units:
+        reasons = sorted({r for g in analysis.groups for r in g.reasons})
+        raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
+
+    calib = None
+    if calibration is None:
+        warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
+    else:
+        calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
+        check_task(prep.original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
+        calib.identities = identities
+    params_in = count_params(prep.skeleton)
+    mode = ("sensitivity" if calib is not None else "uniform") if allocation == "auto" else allocation
+    if mode == "sensitivity" and calib is None and (ratio > 0 or target is not None):
+        raise ConfigError("--allocation sensitivity needs calibration data (--calib)")
+    ctx = StageContext(prep.model, calib, get_criterion(criterion), criterion, prep.bn_gamma, mode, round_to, min_keep,
+                       int(TOLERANCE * params_in), recover is None or recover, executor, workers, say)
+    cost = (cost_model or _cost_model(prep, target, latency_cache, say)) if target is not None else None
+    start_speed = cost.reference_ms / cost.predict({}) if cost is not None else 1.0  # int8 / rewrites alone
+    n_stages = stages or (auto_stages(target.speedup / start_speed) if target is not None else 1)
+    done = _run_stages(ctx, prep, analysis, ratio, params_in, target, cost, n_stages, finetune_steps, task, warns)
+    last = done.stages[-1]
+    if criterion in ("bn", "double") and not prep.bn_gamma and not any(
+            n.op_type == "BatchNormalization" for n in prep.model.graph):
+        warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
+                     "BN-γ is unavailable, L2 magnitude was used")
+    if last.round_to != round_to:
+        warns.append(f"--round-to {round_to} cannot reach the target on this model; used {last.round_to} "
+                     "(layers narrower than the rounding cannot shrink)")
+    pruned_ir = done.model
+    plan = make_plan(prep.model, prep.input_shapes, done.keep, rewrites)
+    if not sparsity:
+        prep.release_model()  # last use of the working model: free its weights before the output is serialised
+    record_sparse, dense_size = None, None
+    if sparsity:
+        pruned_ir, record_sparse, dense_size = _sparsify(prep, pruned_ir, sparsity, exclude, done.keep, calib, recover,
+                                                         executor, workers, say, warns)
+        prep.release_model()
+    pruned = restore_interface(ir.to_proto(pruned_ir), prep.skeleton)
+    del pruned_ir, done.model
+    release_memory()
+    say("verifying the output model")
+    check = verify(prep.source.runtime_model(), pruned, prep.input_shapes)
+    fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
+    speed = _speed_report(prep, pruned, target, cost, done, warns, say) if target is not None else None
+    report = _slim_report(model, prep, pruned, done, criterion, ratio, params_in, round_to, exclude, check, warns,
+                          mode, calib, fidelity, record_sparse, dense_size, speed, start)
+    return SlimResult(pruned, report, calib.preview if calib is not None else "",
+                      external_data=prep.source.external or None, fidelity=fidelity, plan=plan)
+
+
+def fast_prelu(prep: Prepared) -> tuple[str, ...]:
+    """Float speed targets: PRelu as Max(y, a·y) (exact; ORT's float PRelu kernel is several times
+    slower, e.g. 58% of MobileFaceNet's time). Returns the rewrites made, for the plan."""
+    prep.model, record = prelu_split(prep.model, absorb=frozenset())
+    if not record.rewritten:
+        return ()
+    prep.steps.append(f"{len(record.rewritten)} PRelu rewritten exactly as Max/Min with a per-channel Mul "
+                      "(ONNX Runtime's float PRelu kernel is slow)")
+    prep.shapes = infer_concrete_shapes(prep.model, prep.input_shapes)
+    return ("prelu-max",)
+
+
+def _speed_target(ratio: float | None, speedup: float | SpeedTarget | None) -> SpeedTarget | None:
+    if (ratio is None) == (speedup is None):
+        raise ConfigError("give exactly one of --ratio (share of parameters to remove) and --speedup (latency target)")
+    if speedup is None or isinstance(speedup, SpeedTarget):
+        return speedup
+    return SpeedTarget(speedup)
+
+
+def _check_calibration_needs(calibration: CalibrationSet | None, criterion: str, recover: bool | None,
+                             finetune_steps: int) -> None:
+    get_criterion(criterion)  # an unknown criterion is refused before any work
     if calibration is None:  # before any work: these options cannot run without data
         if criterion in NEEDS_CALIBRATION:
             raise ConfigError(f"criterion {criterion} needs calibration data (--calib)")
@@ -206,127 +303,166 @@ def slim(model: ModelLike, ratio: float, *, criterion: str | None = None, round_
             raise ConfigError("--recover needs calibration data (--calib)")
         if finetune_steps:
             raise ConfigError("--finetune-steps needs calibration data (--calib)")
-    say = progress or log_progress
-    prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
-    say("analysing channel dependencies")
-    analysis = analyze_channels(prep.model, prep.shapes, exclude)
-    warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
-    if ratio > 0 and not analysis.prunable_units:
-        reasons = sorted({r for g in analysis.groups for r in g.reasons})
-        raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
 
-    calib, moments = None, None
-    if calibration is None:
-        warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
-    else:
-        calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
-        check_task(prep.original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
-        calib.identities = identities
-        say(f"collecting activation statistics on {calib.count} samples")
-        moments = consumer_moments(prep.model, analysis, calib.input_name, calib.batches)
-    params_in = count_params(prep.skeleton)
-    say(f"scoring channels ({criterion})")
-    arrays = {n: v.const_value.numpy() for n, v in prep.model.graph.initializers.items() if v.const_value is not None}
-    bn_scales = {n.name: n.inputs[1].name for n in prep.model.graph if n.op_type == "BatchNormalization"}
-    scores = score_fn(ScoreContext(analysis, arrays, prep.bn_gamma, bn_scales, moments, prep.model,
-                                   calib.batches if calib is not None else None,
-                                   calib.input_name if calib is not None else ""))
-    if criterion in ("bn", "double") and not prep.bn_gamma and not bn_scales:
-        warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
-                     "BN-γ is unavailable, L2 magnitude was used")
-    means = {k: moments.mean(k) for k in moments.axes} if moments is not None else None
-    already = params_in - analysis.total_params()  # removed by preparation (BN folding, constant folding)
-    target = max(0, int(round(ratio * params_in)) - already) if ratio > 0 else 0
 
-    sensitivity = None
-    mode = ("sensitivity" if calib is not None else "uniform") if allocation == "auto" else allocation
-    if mode == "sensitivity" and target > 0:
-        if calib is None:
-            raise ConfigError("--allocation sensitivity needs calibration data (--calib)")
-        sensitivity = scan(prep.model, analysis, scores, calib.input_name, calib.scan_batches, input_means=means,
-                           executor=executor, workers=workers,
-                           progress=lambda i, n: say("sensitivity scan", i, n))
-    say("allocating the parameter budget")
-    alloc, used_round_to = _allocate_rounded(analysis, scores, target, round_to, min_keep, int(TOLERANCE * params_in),
-                                             sensitivity)
-    if used_round_to != round_to:
-        warns.append(f"--round-to {round_to} cannot reach the target on this model; used {used_round_to} "
-                     "(layers narrower than the rounding cannot shrink)")
-    say(f"removing {len(alloc.removed)} channel units")
-    pruned_ir, record = remove_channels(prep.model, analysis, alloc.removed, input_means=means)
-    refits: list[LayerFit] = []
-    if calib is not None and (recover is None or recover) and alloc.removed:
-        say("refitting layers on calibration data")
-        pruned_ir, rec = reconstruct(prep.model, pruned_ir, analysis, alloc.removed, calib.input_name, calib.batches)
-        refits = rec.layers
-    del arrays
-    if not sparsity:
-        prep.release_model()  # last use of the working model: free its weights before the output is serialised
-    finetune = None
-    if finetune_steps and calib is not None:
-        from .finetune import distill
-        tuned, finetune = distill(prep.original, pruned_ir, calib.input_name, calib.batches, steps=finetune_steps,
-                                  task=task if task in ("detection", "embedding") else "auto", progress=say)
-        if finetune.get("final_loss", 0.0) <= finetune.get("initial_loss", 0.0):
-            pruned_ir = tuned
-        else:  # label-free distillation on few samples can overfit: never hand back a worse model
-            warns.append("distillation did not lower the loss on the calibration samples; kept the refitted model")
-    record_sparse, dense_size = None, None
-    if sparsity:
-        # The file slim writes without --sparsity, measured: what the zeros are compared with.
-        dense_size = stored_size(restore_interface(ir.to_proto(pruned_ir), prep.skeleton),
-                                 external_data=prep.source.external or None)
-        say(f"zeroing {sparsity:.0%} of the remaining weights")
-        pruned_ir, record_sparse = sparsify(
-            pruned_ir, sparsity, exclude=exclude, reference=prep.model, keep_out=_kept_outputs(analysis, alloc.removed),
-            input_name=calib.input_name if calib is not None else None,
-            batches=calib.batches if calib is not None else None,
-            scan_batches=calib.scan_batches if calib is not None else None, refit=recover is None or recover,
-            executor=executor, workers=workers, progress=say)
-        if calib is None:
-            warns.append("--sparsity without calibration data: the same share of every layer zeroed by magnitude, "
-                         "not refitted (use --calib)")
-        prep.release_model()
-    pruned = restore_interface(ir.to_proto(pruned_ir), prep.skeleton)
-    del pruned_ir
-    release_memory()
-    say("verifying the output model")
-    check = verify(prep.source.runtime_model(), pruned, prep.input_shapes)
-    fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
+@dataclass
+class _Staged:
+    """The stages run, and the model (and per-layer kept outputs) they left."""
 
+    model: ir.Model
+    stages: list[Stage]
+    keep: dict[str, np.ndarray]
+    finetune: dict | None = None
+    reports: list[StageReport] = field(default_factory=list)
+
+
+def _run_stages(ctx: StageContext, prep: Prepared, analysis: ChannelAnalysis, ratio: float, params_in: int,
+                target: SpeedTarget | None, cost, n_stages: int, finetune_steps: int, task: str,
+                warns: list[str]) -> _Staged:
+    """Prune in ``n_stages`` steps; after each, refit (in the stage), distil, and measure held-out fidelity."""
+    model, keep, stages, reports, finetune = prep.model, None, [], [], None
+    goals = (target.stage_targets(n_stages, cost.reference_ms / cost.predict({})) if target is not None
+             else [ratio * (k + 1) / n_stages for k in range(n_stages)])
+    for k, goal in enumerate(goals):
+        if k:
+            ctx.say(f"stage {k + 1} of {n_stages}: analysing the pruned model")
+            analysis = analyze_channels(model, infer_concrete_shapes(model, prep.input_shapes), ())
+        if target is not None:
+            budget = LatencyBudget(cost, cost.reference_ms, goal)
+        else:
+            already = params_in - analysis.total_params()  # preparation (BN, constants) and earlier stages
+            budget = ParamBudget(max(0, int(round(goal * params_in)) - already) if goal > 0 else 0)
+        stage = run_stage(ctx, model, analysis, budget, keep)
+        stages.append(stage)
+        model, keep = stage.model, stage.keep
+        steps = finetune_steps // n_stages + (k < finetune_steps % n_stages)
+        if steps and ctx.calib is not None:
+            model, finetune = _distill(ctx.calib, prep, model, steps, task, finetune, warns, ctx.say)
+        if n_stages > 1:
+            reports.append(_stage_report(k, n_stages, goal, cost.reference_ms if cost is not None else None, prep, model, stage, ctx, task))
+    return _Staged(model, stages, keep or {}, finetune, reports)
+
+
+def _distill(calib: CalibrationSplit, prep: Prepared, model: ir.Model, steps: int, task: str, previous: dict | None,
+             warns: list[str], say: Progress) -> tuple[ir.Model, dict]:
+    from .finetune import distill
+    tuned, record = distill(prep.original, model, calib.input_name, calib.batches, steps=steps,
+                            task=task if task in ("detection", "embedding") else "auto", progress=say)
+    if previous:
+        record = {**record, "steps": previous.get("steps", 0) + record.get("steps", 0)}
+    if record.get("final_loss", 0.0) <= record.get("initial_loss", 0.0):
+        return tuned, record
+    # label-free distillation on few samples can overfit: never hand back a worse model
+    warns.append("distillation did not lower the loss on the calibration samples; kept the refitted model")
+    return model, record
+
+
+def _sparsify(prep: Prepared, model: ir.Model, sparsity: float, exclude: Sequence[str], keep: dict[str, np.ndarray],
+              calib: CalibrationSplit | None, recover: bool | None, executor: TaskExecutor | None, workers: int,
+              say: Progress, warns: list[str]) -> tuple[ir.Model, SparsifyRecord, tuple[int, int]]:
+    # The file slim writes without --sparsity, measured: what the zeros are compared with.
+    dense_size = stored_size(restore_interface(ir.to_proto(model), prep.skeleton),
+                             external_data=prep.source.external or None)
+    say(f"zeroing {sparsity:.0%} of the remaining weights")
+    model, record = sparsify(
+        model, sparsity, exclude=exclude, reference=prep.model, keep_out=keep,
+        input_name=calib.input_name if calib is not None else None,
+        batches=calib.batches if calib is not None else None,
+        scan_batches=calib.scan_batches if calib is not None else None, refit=recover is None or recover,
+        executor=executor, workers=workers, progress=say)
+    if calib is None:
+        warns.append("--sparsity without calibration data: the same share of every layer zeroed by magnitude, "
+                     "not refitted (use --calib)")
+    return model, record, dense_size
+
+
+def _cost_model(prep: Prepared, target: SpeedTarget, cache: Path | None | str, say: Progress) -> CostModel:
+    """The latency cost model of the prepared original on the target (per-layer times measured or cached)."""
+    from .budget.latency import LatencyModel, LatencyTable, LatencyTarget, int8_form
+
+    table = LatencyTable(LatencyTarget(target.providers, target.threads, target.int8),
+                         **({} if cache == "default" else {"cache": None if cache is None else Path(cache)}))
+    say("measuring layer latencies (cached for the next run)")
+    int8_model = int8_form(ir.to_proto(prep.model), prep.input_shapes, say, relu=True) if target.relu else None
+    reference = prep.source.runtime_model() if not target.int8 else None  # the float original, as given
+    return LatencyModel(prep.model, prep.input_shapes, table, reference=reference, int8_model=int8_model,
+                        progress=say)
+
+
+def _speed_report(prep: Prepared, pruned: onnx.ModelProto, target: SpeedTarget, cost: CostModel, done: _Staged,
+                  warns: list[str], say: Progress) -> SpeedReport:
+    predicted = cost.reference_ms / done.stages[-1].predicted_ms
+    if predicted < target.speedup * 0.99:
+        line = (f"--speedup {target.speedup:g} is out of reach: the cost model predicts {predicted:.2f}x with every "
+                "prunable layer at its floor (--min-keep, --round-to, unprunable or --exclude'd layers)")
+        if target.strict:
+            raise TargetUnreachableError(line + "; nothing written (--strict)")
+        warns.append(line)
+    measured = None
+    if not target.int8:  # an int8 target is measured on the int8 model (slim --int8 / compress)
+        say("measuring the speed-up")
+        measured = measure_speedup(prep.source.runtime_model(), pruned, prep.input_shapes, target)
+    return SpeedReport(target=target.speedup, providers=list(target.providers), threads=target.threads,
+                       int8=target.int8, predicted=predicted, measured=measured.speedup if measured else None,
+                       original_ms=measured.original_ms if measured else cost.reference_ms,
+                       compressed_ms=measured.compressed_ms if measured else None,
+                       stages=list(done.reports), rewrites=[s for s in prep.steps if "PRelu rewritten" in s])
+
+
+def _stage_report(k: int, n: int, goal: float, reference_ms: float | None, prep: Prepared, model: ir.Model,
+                  stage: Stage, ctx: StageContext, task: str) -> StageReport:
+    proto = restore_interface(ir.to_proto(model), prep.skeleton)
+    fidelity = ctx.calib.evaluate(prep.original, proto, task) if ctx.calib is not None else None
+    head = fidelity.headline() if fidelity is not None else None
+    ctx.say(f"stage {k + 1} of {n}: " + (f"{head[0]} {head[1]:.3f} held out" if head else "done"))
+    predicted = reference_ms / stage.predicted_ms if reference_ms and stage.predicted_ms else None
+    return StageReport(stage=k + 1, target=goal, kind="ratio" if reference_ms is None else "speedup",
+                       params=count_params(proto), units_removed=len(stage.alloc.removed),
+                       predicted_speedup=predicted, fidelity=f"{head[0]} {head[1]:.4f}" if head else "",
+                       fidelity_value=head[1] if head else None)
+
+
+def _slim_report(model: ModelLike, prep: Prepared, pruned: onnx.ModelProto, done: _Staged, criterion: str, ratio: float,
+                 params_in: int, round_to: int, exclude: Sequence[str], check, warns: list[str], mode: str,
+                 calib: CalibrationSplit | None, fidelity: FidelityReport | None, record_sparse, dense_size,
+                 speed: SpeedReport | None, start: float) -> SlimReport:
     params_out = count_params(pruned)
     achieved = 1 - params_out / params_in if params_in else 0.0
     if ratio > 0 and abs(achieved - ratio) > TOLERANCE:
         warns.append(f"achieved {achieved:.1%} of parameters removed, target {ratio:.1%}: "
                      "not enough prunable channels at this --round-to / --exclude")
     shapes_out = infer_concrete_shapes(pruned, prep.input_shapes)
-    report = SlimReport(
-        model=_name(model), output=None, criterion=criterion, target_ratio=float(ratio), achieved_ratio=achieved,
-        params_before=params_in, params_after=params_out,
+    first, last = done.stages[0], done.stages[-1]
+    layers = _layer_widths(done.stages)
+    return SlimReport(
+        model=_name(model), output=None, criterion=criterion, target_ratio=float(ratio if speed is None else achieved),
+        achieved_ratio=achieved, params_before=params_in, params_after=params_out,
         macs_before=count_macs(prep.skeleton, infer_concrete_shapes(prep.skeleton, prep.input_shapes)),
-        macs_after=count_macs(pruned, shapes_out), round_to=used_round_to,
+        macs_after=count_macs(pruned, shapes_out), round_to=last.round_to,
         input_shapes={k: list(v) for k, v in prep.input_shapes.items()},
-        layers=[LayerReport(c.node, c.before, c.after) for c in record.layers],
-        unprunable=[g for g in _group_reports(analysis) if not g.prunable],
+        layers=layers, unprunable=[g for g in _group_reports(first.analysis) if not g.prunable],
         excluded=list(exclude), output_rel_error=check.output_rel_error, preprocessing=prep.steps,
-        folded_biases=record.folded_biases, inexact_folds=record.inexact_folds, warnings=warns,
+        folded_biases=sum(s.record.folded_biases for s in done.stages),
+        inexact_folds=sum(s.record.inexact_folds for s in done.stages), warnings=warns,
         seconds=time.perf_counter() - start, allocation=mode,
         calibration=calib.describe() if calib is not None else None,
-        sensitivity=_sensitivity_report(analysis, sensitivity, alloc) if sensitivity else [],
-        refits=[RefitReport(f.node, f.error_before, f.error_after) for f in refits],
+        sensitivity=_sensitivity_report(first.analysis, first.sensitivity, first.alloc) if first.sensitivity else [],
+        refits=[RefitReport(f.node, f.error_before, f.error_after) for f in last.refits],
         fidelity=fidelity.to_dict() if fidelity is not None else None,
         fidelity_summary=fidelity.summary() if fidelity is not None else "",
-        finetune={k: v for k, v in finetune.items() if k != "curve"} if finetune else None,
+        finetune={k: v for k, v in done.finetune.items() if k != "curve"} if done.finetune else None,
         sparsity=sparsity_report(pruned, record_sparse, fidelity, count_macs(pruned, shapes_out), dense_size=dense_size,
-                                 external_data=prep.source.external or None) if record_sparse is not None else None)
-    return SlimResult(pruned, report, calib.preview if calib is not None else "",
-                      external_data=prep.source.external or None, fidelity=fidelity)
+                                 external_data=prep.source.external or None) if record_sparse is not None else None,
+        speed=speed, stages=done.reports if speed is None else [])
 
 
-def _kept_outputs(analysis: ChannelAnalysis, removed: set[int]) -> dict[str, np.ndarray]:
-    """Per layer with prunable output channels: which of its original outputs the pruned layer still has."""
-    gone = np.array(sorted(removed), dtype=np.int64)
-    return {s.node: ~np.isin(analysis.root[s.elems], gone) for s in analysis.slots if s.role == "out"}
+def _layer_widths(stages: list[Stage]) -> list[LayerReport]:
+    """Per layer: channels in the original, and after the last stage (stages keep node names)."""
+    before = {c.node: c.before for c in stages[0].record.layers}
+    after = {}
+    for s in stages:
+        after.update({c.node: c.after for c in s.record.layers})
+    return [LayerReport(node, before[node], after[node]) for node in before]
 
 
 def sparsity_report(model: onnx.ModelProto, covered: SparsifyRecord | SparsityReport,
@@ -354,7 +490,7 @@ def sparsity_report(model: onnx.ModelProto, covered: SparsifyRecord | SparsityRe
         skipped=list(covered.skipped), float_zeros=covered.zeros if quantized else None)
 
 
-def _check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:
+def check_options(ratio: float, round_to: int, min_keep: float, allocation: str, task: str, holdout: float) -> None:
     if not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
         raise ConfigError(f"--ratio must be in [0, 1) (share of parameters removed), got {ratio}")
     if not isinstance(round_to, int) or round_to < 1:
@@ -376,22 +512,3 @@ def _sensitivity_report(analysis: ChannelAnalysis, sensitivity: dict, alloc) -> 
         rows.append({"group": gid, "layers": analysis.groups[gid].layers, "fractions": sens.fractions,
                      "distortion": sens.distortion, "channels_before": before, "channels_after": after})
     return rows
-
-
-def _allocate_rounded(analysis: ChannelAnalysis, scores: dict[int, float], target: int, round_to: int,
-                      min_keep: float, tolerance: int, sensitivity: dict | None = None):
-    """Allocate at ``round_to``, halving it only if the target is out of reach at that granularity.
-
-    Speed prefers coarse widths, but the ratio is the user's contract: small models (MTCNN's
-    10- and 16-channel layers) cannot shrink at all when rounded to 16.
-    """
-    best = None
-    r = round_to
-    while True:
-        alloc = allocate(analysis, scores, target, round_to=r, min_keep_frac=min_keep, tolerance=tolerance,
-                         sensitivity=sensitivity)
-        if best is None or abs(alloc.params_removed - target) < abs(best[0].params_removed - target):
-            best = (alloc, r)
-        if abs(alloc.params_removed - target) <= tolerance or r == 1:
-            return best
-        r = max(1, r // 2)

@@ -17,7 +17,7 @@ import numpy as np
 
 from .graph.io import _atomic_write
 from .html_report import PALETTE
-from .report import dims_text, short_name
+from .report import budget_text, dims_text, short_name
 
 MISSING_NOTE = ("matplotlib is not installed: wrote report.html (inline charts) without PNG charts; "
                 "pip install 'onnxprune[report]' for them")
@@ -239,12 +239,12 @@ def _sweep_charts(sweep: Mapping[str, Any], d: Path) -> list[Path]:
     if not rows:
         return []
     series = [{"series": f"{short_name(r['model'])} {r.get('criterion') or ''}{' int8' if r.get('int8') else ''}",
-               "ratio": r.get("achieved_ratio", r["ratio"]) or r["ratio"], "fidelity": r["fidelity"]} for r in rows]
+               "ratio": r.get("achieved_ratio") or r.get("ratio") or 0.0, "fidelity": r["fidelity"]} for r in rows]
     out = [fidelity_vs_ratio(series, d / "fidelity_vs_ratio.png")]
     several = len({r["model"] for r in rows}) > 1
 
     def label(r: Mapping[str, Any]) -> str:  # short enough to read beside a point: what differs
-        return (f"{short_name(r['model'])} " if several else "") + f"r={r['ratio']:g} {r.get('criterion') or ''}" \
+        return (f"{short_name(r['model'])} " if several else "") + f"{budget_text(r.get('ratio'), r.get('speedup'))} {r.get('criterion') or ''}" \
             + (" int8" if r.get("int8") else "")
     points = [{"label": label(r), "fidelity": r["fidelity"],
                "latency_ratio": r.get("latency_ratio"), "pareto": bool(r.get("pareto"))} for r in rows]

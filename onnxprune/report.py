@@ -37,6 +37,59 @@ class SparseLayerReport:
 
 
 @dataclass
+class StageReport:
+    """One stage of a staged pruning (``--stages``): its target and the held-out fidelity after it."""
+
+    stage: int
+    kind: str  # ratio | speedup
+    target: float  # cumulative: share of parameters, or speed-up over the original
+    params: int
+    units_removed: int
+    predicted_speedup: float | None = None
+    fidelity: str = ""  # "AP@0.5 0.9512": the task's headline metric on held-out samples
+    fidelity_value: float | None = None
+
+    def line(self) -> str:
+        goal = f"{self.target:.2f}x" if self.kind == "speedup" else f"{self.target:.1%} of parameters"
+        pred = f", predicted {self.predicted_speedup:.2f}x" if self.predicted_speedup else ""
+        return f"  stage {self.stage}: target {goal}{pred}, {self.params:,} params" + \
+            (f", held-out {self.fidelity}" if self.fidelity else "")
+
+
+@dataclass
+class SpeedReport:
+    """``slim --speedup``: the latency target, what the cost model predicted and what was measured."""
+
+    target: float
+    providers: list[str]
+    threads: int
+    int8: bool
+    predicted: float  # original / compressed latency, from the per-layer cost model
+    measured: float | None  # the same, timed (interleaved medians); int8 targets: measured after quantization
+    original_ms: float
+    compressed_ms: float | None
+    stages: list[StageReport] = field(default_factory=list)
+    rewrites: list[str] = field(default_factory=list)  # exact rewrites for speed (PRelu as Max), before pruning
+
+    @property
+    def prediction_error(self) -> float | None:
+        return self.predicted / self.measured - 1 if self.measured else None
+
+    def summary_lines(self) -> list[str]:
+        where = f"{self.providers[0]}, {self.threads} thread{'s' if self.threads > 1 else ''}" + \
+            (", int8" if self.int8 else "")
+        lines = [f"speed-up target {self.target:g}x ({where}): predicted {self.predicted:.2f}x"]
+        if self.measured is not None:
+            lines[0] += (f", measured {self.measured:.2f}x ({self.original_ms:.1f} -> {self.compressed_ms:.1f} ms, "
+                         f"prediction error {self.prediction_error:+.0%})")
+        lines += [f"  exact rewrite: {r}" for r in self.rewrites]
+        if self.stages:
+            lines.append(f"{len(self.stages)} stages:")
+            lines += [s.line() for s in self.stages]
+        return lines
+
+
+@dataclass
 class SparsityReport:
     """``slim --sparsity``: the zeros inside the remaining layers, what they cost and what they save."""
 
@@ -160,6 +213,8 @@ class SlimReport:
     fidelity_summary: str = ""
     finetune: dict | None = None
     sparsity: SparsityReport | None = None
+    speed: SpeedReport | None = None  # --speedup
+    stages: list[StageReport] = field(default_factory=list)  # --stages with --ratio
 
     @property
     def mac_ratio(self) -> float:
@@ -176,7 +231,7 @@ class SlimReport:
             f"model: {self.model}" + (f" -> {self.output}" if self.output else ""),
             f"criterion {self.criterion}, round-to {self.round_to}, analysis shape {shape_text(self.input_shapes)}",
             f"params  {self.params_before:>12,} -> {self.params_after:>12,}   removed {self.achieved_ratio:6.1%} "
-            f"(target {self.target_ratio:.1%})",
+            + (f"(target {self.target_ratio:.1%})" if self.speed is None else "(speed target)"),
             f"MACs    {_big(self.macs_before):>12} -> {_big(self.macs_after):>12}   x{self.mac_ratio:.3f}",
             f"layers pruned: {len(changed)} of {len(self.layers)}",
         ]
@@ -207,6 +262,10 @@ class SlimReport:
             lines.append(f"distilled {f.get('steps')} steps: loss {f.get('initial_loss', 0):.4f} -> {f.get('final_loss', 0):.4f}")
         if self.sparsity is not None:
             lines += self.sparsity.summary_lines()
+        if self.speed is not None:
+            lines += self.speed.summary_lines()
+        elif self.stages:
+            lines += [f"{len(self.stages)} stages:"] + [s.line() for s in self.stages]
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
         if self.output_rel_error and not self.fidelity_summary:
@@ -214,6 +273,11 @@ class SlimReport:
         lines += [f"warning: {w}" for w in self.warnings]
         lines.append(f"time: {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+def budget_text(ratio: float | None, speedup: float | None) -> str:
+    """A point's budget: r=0.5 (share of parameters) or s=2x (speed-up target)."""
+    return f"s={speedup:g}x" if speedup is not None else f"r={ratio:.2f}"
 
 
 DRIFT_SMALL, DRIFT_LARGE = 0.05, 0.3  # relative output change on a random input

@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .budget.target import SpeedTarget
 from .calibration import CalibrationSet
-from .calibration.split import CalibrationSplit
 from .errors import ConfigError
 from .executors import LocalExecutor, TaskExecutor
 from .fidelity import TASKS
@@ -42,7 +42,7 @@ from .graph.runtime import session
 from .graph.shapes import Shape
 from .pipeline import DEFAULT_ROUND_TO
 from .progress import Progress, log_progress
-from .report import SCHEMA_VERSION, _finite
+from .report import SCHEMA_VERSION, _finite, budget_text
 from .saliency.criteria import DESCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,13 @@ class SweepOptions:
     runs: int = 30  # interleaved timing rounds per point
     seed: int = 0
     relu: bool = False  # int8 points: LeakyRelu/PRelu made ReLU where nearly ReLU (see quantize)
+    speedups: tuple[float, ...] = ()  # latency targets (slim --speedup), an axis beside the ratios
 
     def validate(self) -> None:
-        if not self.ratios:
-            raise ConfigError("--ratios needs at least one ratio")
+        if not self.ratios and not self.speedups:
+            raise ConfigError("a sweep needs --ratios or --speedups (or both)")
+        for s in self.speedups:
+            SpeedTarget(s)  # one message for a bad value, as slim's
         for r in self.ratios:
             if not 0 <= r < 1:
                 raise ConfigError(f"--ratios must be in [0, 1) (share of parameters removed), got {r}")
@@ -86,9 +89,10 @@ class SweepOptions:
 class Point:
     model: str  # label: the model's file name
     model_hash: str
-    ratio: float
+    ratio: float | None  # None: a speed-up point
     criterion: str | None
     int8: bool
+    speedup: float | None = None
 
     def key(self, options: SweepOptions, calibration_hash: str) -> str:
         """Content address: the same model bytes, options and calibration give the same key."""
@@ -99,11 +103,14 @@ class Point:
                 "seed": options.seed}
         if options.relu and self.int8:  # only when set, so earlier sweeps' points keep their keys
             spec["relu"] = True
+        if self.speedup is not None:
+            spec["speedup"] = self.speedup
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def label(self) -> str:
-        return f"{self.model} r={self.ratio:g} {self.criterion or 'default'}{' int8' if self.int8 else ''}"
+        return f"{self.model} {budget_text(self.ratio, self.speedup)} {self.criterion or 'default'}" + \
+            (" int8" if self.int8 else "")
 
 
 @dataclass
@@ -111,10 +118,12 @@ class SweepRow:
     """One point of the result table."""
 
     model: str
-    ratio: float
+    ratio: float | None  # None: a speed-up point
     criterion: str
     int8: bool
     key: str
+    speedup: float | None = None  # the point's --speedup target
+    predicted_speedup: float | None = None
     status: str = "ok"  # ok | failed
     error: str | None = None
     achieved_ratio: float | None = None
@@ -139,14 +148,16 @@ class PointFailure:
     """A point that has no result, and why (one line)."""
 
     model: str
-    ratio: float
+    ratio: float | None
     criterion: str
     int8: bool
     stage: str  # "compress" (slim, quantize, fidelity) or "timing"
     reason: str  # one line: "TypeName: message" ("timing: TypeName: message" at the timing stage)
+    speedup: float | None = None
 
     def __str__(self) -> str:
-        return (f"point {self.model} ratio={self.ratio:g} criterion={self.criterion} "
+        budget = f"ratio={self.ratio:g}" if self.speedup is None else f"speedup={self.speedup:g}"
+        return (f"point {self.model} {budget} criterion={self.criterion} "
                 f"int8={'yes' if self.int8 else 'no'}: {self.reason}")
 
 
@@ -171,7 +182,7 @@ class SweepResult:
                 continue
             error = " ".join((r.error or "unknown error").split())  # one line, whatever the job raised
             stage = "timing" if error.startswith(_TIMING) else "compress"
-            out.append(PointFailure(r.model, r.ratio, r.criterion, r.int8, stage, error))
+            out.append(PointFailure(r.model, r.ratio, r.criterion, r.int8, stage, error, r.speedup))
         return out
 
     @property
@@ -202,20 +213,22 @@ class SweepResult:
         lines = [f"sweep: {len(self.rows)} points ({sum(r.cached for r in self.rows)} reused, "
                  f"{sum(r.status != 'ok' for r in self.rows)} failed) on {self.executor} "
                  f"({self.workers} workers) in {self.seconds:.1f} s; outputs in {self.outdir}",
-                 f"{'model':<26s} {'ratio':>5s} {'criterion':<10s} {'int8':<4s} {'removed':>7s} {'fidelity':>8s} "
+                 f"{'model':<26s} {'target':>7s} {'criterion':<10s} {'int8':<4s} {'removed':>7s} {'fidelity':>8s} "
                  f"{'latency':>7s} {'size':>8s}  frontier"]
         for r in self.rows:
             if r.status != "ok":
-                lines.append(f"{r.model[:26]:<26s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
-                             f"FAILED: {r.error}")
+                lines.append(f"{r.model[:26]:<26s} {budget_text(r.ratio, r.speedup):>7s} {r.criterion:<10s} "
+                             f"{'yes' if r.int8 else 'no':<4s} FAILED: {r.error}")
                 continue
             lat = f"{r.latency_ratio:.3f}" if r.latency_ratio is not None else "-"
-            lines.append(f"{r.model[:26]:<26s} {r.ratio:5.2f} {r.criterion:<10s} {'yes' if r.int8 else 'no':<4s} "
+            lines.append(f"{r.model[:26]:<26s} {budget_text(r.ratio, r.speedup):>7s} {r.criterion:<10s} "
+                         f"{'yes' if r.int8 else 'no':<4s} "
                          f"{r.achieved_ratio:7.1%} {r.fidelity:8.4f} {lat:>7s} {r.size_bytes / 1e6:7.2f}M  "
                          f"{'*' if r.pareto else ''}")
         lines.append("fidelity: task metric on held-out calibration samples vs the original "
                      "(mean output cosine without a task); latency: compressed/original, 1 thread, median of "
-                     "interleaved rounds; * = on the fidelity/latency Pareto frontier of its model")
+                     "interleaved rounds; * = on the fidelity/latency Pareto frontier of its model; target: "
+                     "r=share of parameters (--ratios) or s=speed-up (--speedups)")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -232,25 +245,22 @@ class SweepInputs:
 
 def compute_point(inputs: SweepInputs, point: Point) -> dict[str, Any]:
     """slim (+ quantize) one point and measure it; returns the row fields and the model bytes."""
-    from .int8 import quantize
-    from .pipeline import slim
+    from .compress import PruneOptions, QuantizeOptions, compress
     start = time.perf_counter()
     opts = inputs.options
     original = onnx.load_from_string(inputs.models[point.model_hash])
     calibration = inputs.calibration[point.model_hash]
-    shapes = dict(opts.input_shapes) or None
-    result = slim(original, point.ratio, criterion=point.criterion, round_to=opts.round_to, input_shapes=shapes,
-                  calibration=calibration, holdout=opts.holdout, task=opts.task, workers=1)
-    final, fidelity = result.model, result.fidelity  # slim measured the float point on the same split
-    if point.int8:
-        final = quantize(final, calibration, thresholds=opts.thresholds, holdout=opts.holdout,
-                         task=opts.task, relu=opts.relu).model
-        fidelity = CalibrationSplit.held_out_fidelity(calibration, opts.holdout, result.report.input_shapes,
-                                                      original, final, opts.task)
+    prune = PruneOptions(ratio=point.ratio, speedup=point.speedup, criterion=point.criterion, round_to=opts.round_to,
+                         input_shapes=opts.input_shapes, workers=1)
+    quant = QuantizeOptions(thresholds=opts.thresholds, relu=opts.relu) if point.int8 else None
+    result = compress(original, prune=prune, quantize=quant, calibration=calibration, holdout=opts.holdout,
+                      task=opts.task)
+    final, fidelity = result.model, result.fidelity  # held out, end to end (int8 points: the int8 model)
+    report = result.report.slim if point.int8 else result.report
     metric, value = fidelity.headline()
-    data = final.SerializeToString()
-    report = result.report  # params and MACs of the float graph: a QDQ graph's are the same numbers
+    data = final.SerializeToString()  # params and MACs below: the float graph's, a QDQ graph's are the same
     return {"achieved_ratio": report.achieved_ratio, "params": report.params_after, "macs": report.macs_after,
+            "predicted_speedup": report.speed.predicted if report.speed is not None else None,
             "size_bytes": len(data), "fidelity": float(value), "fidelity_metric": metric,
             "fidelity_detail": _finite(fidelity.to_dict()),
             "compute_seconds": time.perf_counter() - start, "model_bytes": data}
@@ -275,8 +285,9 @@ def time_point(inputs: SweepInputs, item: tuple[str, str]) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------- driver
 def plan(hashes: Mapping[str, str], options: SweepOptions) -> list[Point]:
     """Every (model, ratio, criterion, int8) combination, in a stable order; ``hashes``: name -> model hash."""
-    return [Point(name, hashes[name], float(r), c, bool(q))
-            for name, r, c, q in itertools.product(hashes, options.ratios, options.criteria, options.int8)]
+    budgets = [(float(r), None) for r in options.ratios] + [(None, float(s)) for s in options.speedups]
+    return [Point(name, hashes[name], r, c, bool(q), s)
+            for name, (r, s), c, q in itertools.product(hashes, budgets, options.criteria, options.int8)]
 
 
 def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[CalibrationSet], options: SweepOptions,
@@ -312,7 +323,7 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
     inputs = SweepInputs({hashes[n]: b for n, b in blobs.items()}, dict(zip(hashes.values(), sets)), options)
     calib_hash = {h: _calibration_hash(c) for h, c in inputs.calibration.items()}
     keys = [p.key(options, calib_hash[p.model_hash]) for p in points]
-    rows = [SweepRow(p.model, p.ratio, p.criterion or "default", p.int8, k) for p, k in zip(points, keys)]
+    rows = [SweepRow(p.model, p.ratio, p.criterion or "default", p.int8, k, p.speedup) for p, k in zip(points, keys)]
 
     todo_compute, todo_time = [], []
     for i, (p, k) in enumerate(zip(points, keys)):

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from onnx import helper, numpy_helper
 
+from .graph.names import unique_name
 from .graph.runtime import fixed_batch
 
 __all__ = ["OnnxModule", "to_torch", "write_back", "SUPPORTED_OPS"]
@@ -62,12 +63,7 @@ def _sanitize(name: str, taken: set[str]) -> str:
     key = re.sub(r"\W", "_", name) or "_"
     if key[0].isdigit():
         key = "_" + key
-    base, i = key, 1
-    while key in taken:
-        i += 1
-        key = f"{base}_{i}"
-    taken.add(key)
-    return key
+    return unique_name(key, taken)
 
 
 def _topological(nodes: Sequence[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:

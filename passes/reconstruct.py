@@ -11,7 +11,7 @@ batch, so memory is bounded by the sampled rows of one batch, not the calibratio
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Collection, Iterable
+from typing import Collection, Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -55,16 +55,18 @@ class _Target:
 def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
                 input_name: str, batches: Iterable[np.ndarray], *, changed: Collection[str] = (),
                 ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
-                min_rows_per_unknown: float = 4.0) -> tuple[ir.Model, ReconstructRecord]:
+                min_rows_per_unknown: float = 4.0, keep_out: Mapping[str, np.ndarray] | None = None
+                ) -> tuple[ir.Model, ReconstructRecord]:
     """Return a copy of ``pruned`` whose consumers of removed channels are refitted.
 
     ``changed`` names activations whose values differ from ``original``'s without losing channels
     (e.g. a LeakyReLU replaced by ReLU): the first weighted layers reading them are refitted too.
-    Without ``analysis`` (nothing removed), output channels map one to one.
+    Without ``analysis`` (nothing removed), output channels map one to one, unless ``keep_out``
+    says, per layer, which of the original's outputs ``pruned`` still has (several removals apart).
     """
     pruned = pruned.clone()  # tensors shared: refits replace them, never edit them
     record = ReconstructRecord()
-    targets = _targets(original, pruned, analysis, removed, record, _reached(pruned, changed))
+    targets = _targets(original, pruned, analysis, removed, record, _reached(pruned, changed), keep_out or {})
     if not targets:
         return pruned, record
     feeds = pieces(original, list(batches), input_name)
@@ -151,7 +153,7 @@ def _reached(model: ir.Model, changed: Collection[str]) -> set[str]:
 
 
 def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
-             record: ReconstructRecord, changed: set[str]) -> list[_Target]:
+             record: ReconstructRecord, changed: set[str], keep_out: Mapping[str, np.ndarray]) -> list[_Target]:
     removed_arr = np.array(sorted(removed), dtype=np.int64)
     orig_nodes = {n.name: n for n in original.graph}
     out_slots = {s.node: s for s in analysis.slots if s.role == "out"} if analysis is not None else {}
@@ -190,7 +192,10 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
             bias = node.inputs[2].name
         slot = out_slots.get(node.name)
         n_out = w0.const_value.shape[0 if node.op_type == "Conv" or node.attributes.get_int("transB", 0) else 1]
-        keep = ~np.isin(analysis.root[slot.elems], removed_arr) if slot is not None else np.ones(n_out, bool)
+        if node.name in keep_out:
+            keep = keep_out[node.name]
+        else:
+            keep = ~np.isin(analysis.root[slot.elems], removed_arr) if slot is not None else np.ones(n_out, bool)
         kind = node.op_type.lower()
         targets.append(_Target(node.name, kind, node.inputs[0].name, out_name, keep, w.name, bias,
                                bool(node.attributes.get_int("transB", 0))))

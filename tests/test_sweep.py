@@ -19,6 +19,7 @@ import pytest
 import onnxprune
 from onnxprune.calibration import CalibrationSet
 from onnxprune.cli import main
+from onnxprune.errors import ConfigError
 from onnxprune.executors import LocalExecutor, make_executor
 from onnxprune.sample_models import load_sample
 from onnxprune.sweep import PointFailure, SweepOptions, SweepRow, mark_pareto, sweep
@@ -100,15 +101,15 @@ def test_ray_gives_the_same_table_and_bytes_as_local(setup, tmp_path: Path, monk
 
 
 def test_failed_point_is_reported_and_the_rest_completes(setup, tmp_path: Path, monkeypatch) -> None:
-    import onnxprune.pipeline as pipeline
-    real = pipeline.slim
+    import onnxprune.compress as chain
+    real = chain.slim
 
     def flaky(model, ratio, **kw):
         if ratio == 0.5:
             raise RuntimeError("injected failure")
         return real(model, ratio, **kw)
 
-    monkeypatch.setattr(pipeline, "slim", flaky)  # in-process executor: the jobs see the patch
+    monkeypatch.setattr(chain, "slim", flaky)  # in-process executor: the jobs see the patch
     model, calib, _ = setup
     result = sweep([model], calib, OPTIONS, tmp_path, executor=LocalExecutor(1))
     status = {(r.criterion, r.ratio): (r.status, r.error) for r in result.rows}
@@ -124,7 +125,7 @@ def test_failed_point_is_reported_and_the_rest_completes(setup, tmp_path: Path, 
     schema = json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json").read_text())
     jsonschema.validate(json.loads((tmp_path / "sweep.json").read_text()), schema)  # failed rows included
     # A failed point is not cached: the next run retries it (and now succeeds).
-    monkeypatch.setattr(pipeline, "slim", real)
+    monkeypatch.setattr(chain, "slim", real)
     again = sweep([model], calib, OPTIONS, tmp_path, executor=LocalExecutor(1))
     assert [r.status for r in again.rows] == ["ok"] * 4
     assert [r.cached for r in again.rows] == [True, True, False, False]  # ratio-major order
@@ -288,3 +289,25 @@ def test_relu_changes_only_int8_keys_and_needs_int8() -> None:
     assert q.key(plain, "c") != q.key(relu, "c")
     with pytest.raises(onnxprune.ConfigError, match="--relu only applies with --int8"):
         SweepOptions(ratios=(0.3,), relu=True).validate()
+
+
+def test_speedups_are_an_axis_beside_ratios(setup, tmp_path: Path, monkeypatch) -> None:
+    """`sweep --speedups`: one point per target, compressed with slim --speedup, keyed apart from ratio points."""
+    monkeypatch.setenv("ONNXPRUNE_CACHE_DIR", str(tmp_path / "latency"))
+    model, calib, _ = setup
+    options = SweepOptions(ratios=(0.3,), speedups=(1.3,), criteria=("l2",), runs=3, round_to=4)
+    result = sweep([model], calib, options, tmp_path / "out", executor=LocalExecutor(1))
+    by_budget = {(r.ratio, r.speedup): r for r in result.rows}
+    assert set(by_budget) == {(0.3, None), (None, 1.3)}
+    point = by_budget[(None, 1.3)]
+    assert point.status == "ok", point.error
+    assert point.predicted_speedup >= 1.3 * 0.99  # the cost model says the target is met
+    assert point.key != by_budget[(0.3, None)].key
+    assert "s=1.3x" in result.summary() and "r=0.30" in result.summary()
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json").read_text())
+    jsonschema.validate(json.loads((tmp_path / "out" / "sweep.json").read_text()), schema)
+    with pytest.raises(ConfigError, match="--speedup must be a number above 1"):
+        SweepOptions(ratios=(), speedups=(0.9,)).validate()
+    with pytest.raises(ConfigError, match="--ratios or --speedups"):
+        SweepOptions(ratios=()).validate()

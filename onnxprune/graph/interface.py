@@ -37,8 +37,13 @@ def exposing(model: onnx.ModelProto | ir.Model, names: Iterable[str]) -> onnx.Mo
         out = onnx.ModelProto()
         out.CopyFrom(model)
     existing = {o.name for o in out.graph.output}
+    inputs = {i.name: i for i in out.graph.input}
     for name in names:
         if name not in existing:
-            out.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            # A graph input keeps its declaration: an untyped twin would wipe its type once the model
+            # goes through onnx-ir (runtime.session does that for models above 64 MiB).
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(inputs[name] if name in inputs else onnx.helper.make_empty_tensor_value_info(name))
+            out.graph.output.append(info)
             existing.add(name)
     return out
