@@ -70,6 +70,7 @@ class SpeedReport:
     compressed_ms: float | None
     stages: list[StageReport] = field(default_factory=list)
     rewrites: list[str] = field(default_factory=list)  # exact rewrites for speed (PRelu as Max), before pruning
+    retarget: float | None = None  # the cost model missed by >10%: the last stage re-allocated for this prediction
 
     @property
     def prediction_error(self) -> float | None:
@@ -82,6 +83,9 @@ class SpeedReport:
         if self.measured is not None:
             lines[0] += (f", measured {self.measured:.2f}x ({self.original_ms:.1f} -> {self.compressed_ms:.1f} ms, "
                          f"prediction error {self.prediction_error:+.0%})")
+        if self.retarget is not None:
+            lines.append(f"  first allocation measured >10% off the target: re-allocated for a predicted "
+                         f"{self.retarget:.2f}x")
         lines += [f"  exact rewrite: {r}" for r in self.rewrites]
         if self.stages:
             lines.append(f"{len(self.stages)} stages:")

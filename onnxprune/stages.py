@@ -79,17 +79,19 @@ class Stage:
     refits: list[LayerFit] = field(default_factory=list)
     predicted_ms: float | None = None  # latency budgets: the cost model's prediction after this stage
     keep: dict[str, np.ndarray] = field(default_factory=dict)  # per layer: original outputs still present
+    scores: dict[int, float] = field(default_factory=dict)
 
 
 def run_stage(ctx: StageContext, model: ir.Model, analysis: ChannelAnalysis, budget: ParamBudget | LatencyBudget,
-              keep_before: dict[str, np.ndarray] | None = None) -> Stage:
+              keep_before: dict[str, np.ndarray] | None = None, again: Stage | None = None) -> Stage:
     """Score, allocate, remove and refit once. ``keep_before`` (later stages) maps each layer's
-    outputs in ``model`` to the original's; the first stage passes None."""
-    scores, means = score(ctx, model, analysis)
+    outputs in ``model`` to the original's; the first stage passes None. ``again``: the same stage
+    run before with another budget, whose scores and sensitivity scan are reused."""
+    scores, means = (again.scores, again.means) if again is not None else score(ctx, model, analysis)
     counter = LatencyCounter(model, analysis, budget.cost) if isinstance(budget, LatencyBudget) else None
     target = budget.target if counter is None else counter.total - budget.reference_ms / budget.speedup
-    sensitivity = None
-    if ctx.mode == "sensitivity" and target > 0:
+    sensitivity = again.sensitivity if again is not None else None
+    if ctx.mode == "sensitivity" and target > 0 and sensitivity is None:
         sensitivity = scan(model, analysis, scores, ctx.calib.input_name, ctx.calib.scan_batches, input_means=means,
                            executor=ctx.executor, workers=ctx.workers,
                            progress=lambda i, n: ctx.say("sensitivity scan", i, n))
@@ -105,7 +107,7 @@ def run_stage(ctx: StageContext, model: ir.Model, analysis: ChannelAnalysis, bud
     pruned, record = remove_channels(model, analysis, alloc.removed, input_means=means)
     keep = compose_keep(keep_before, kept_outputs(analysis, alloc.removed))
     stage = Stage(pruned, analysis, alloc, record, round_to, means, sensitivity, keep=keep,
-                  predicted_ms=counter.predicted_ms() if counter is not None else None)
+                  predicted_ms=counter.predicted_ms() if counter is not None else None, scores=scores)
     if ctx.calib is not None and ctx.recover and alloc.removed:
         ctx.say("refitting layers on calibration data")
         if keep_before is None:  # the first stage: exactly the one-shot refit

@@ -29,6 +29,11 @@ from onnxprune.sample_models.generate import GENERATED, NOMINAL_INPUT
 FIXED_MS = 1.0  # what the fake says the rest of the graph costs
 
 
+def FAKE(speedup: float) -> SpeedTarget:  # noqa: N802
+    """A target for the fake cost model: no re-allocation on measurement (its predictions are not times)."""
+    return SpeedTarget(speedup, retries=0)
+
+
 class MacCost:
     """Latency proportional to each weighted layer's MACs at its output size (a stand-in for the LUT)."""
 
@@ -145,7 +150,7 @@ def test_widths_follow_removed_units() -> None:
 
 def test_slim_speedup_reports_prediction_and_measurement() -> None:
     model = GENERATED["scrfd"]()
-    result = onnxprune.slim(model, speedup=2.0, cost_model=_cost_for("scrfd"), input_shapes=_shapes("scrfd"),
+    result = onnxprune.slim(model, speedup=FAKE(2.0), cost_model=_cost_for("scrfd"), input_shapes=_shapes("scrfd"),
                             progress=lambda *a: None)
     speed = result.report.speed
     assert speed is not None and speed.target == 2.0
@@ -159,7 +164,7 @@ def test_slim_speedup_reports_prediction_and_measurement() -> None:
 
 def test_staged_speedup_reaches_each_stage_target_and_reports_fidelity() -> None:
     model = GENERATED["scrfd"]()
-    result = onnxprune.slim(model, speedup=3.0, stages=2, round_to=8, cost_model=_cost_for("scrfd"),
+    result = onnxprune.slim(model, speedup=FAKE(3.0), stages=2, round_to=8, cost_model=_cost_for("scrfd"),
                             input_shapes=_shapes("scrfd"), calibration=_calibration("scrfd"), task="outputs",
                             progress=lambda *a: None)
     stages = result.report.speed.stages
@@ -184,11 +189,11 @@ def test_staging_is_not_worse_than_one_shot_held_out() -> None:
 def test_unreachable_target_warns_or_fails_strictly() -> None:
     model = GENERATED["scrfd"]()
     kw = dict(cost_model=_cost_for("scrfd"), input_shapes=_shapes("scrfd"), progress=lambda *a: None)
-    result = onnxprune.slim(model, speedup=50.0, **kw)
+    result = onnxprune.slim(model, speedup=FAKE(50.0), **kw)
     assert any("out of reach" in w for w in result.report.warnings)
     assert result.report.speed.predicted < 50
     with pytest.raises(TargetUnreachableError, match="nothing written"):
-        onnxprune.slim(model, speedup=SpeedTarget(50.0, strict=True), **kw)
+        onnxprune.slim(model, speedup=SpeedTarget(50.0, strict=True, retries=0), **kw)
 
 
 def test_cli_strict_unreachable_writes_nothing_and_exits_1(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -242,10 +247,30 @@ def test_float_speed_target_rewrites_prelu_exactly_and_the_plan_replays_it() -> 
 
     model = GENERATED["mobilefacenet"]()
     assert any(n.op_type == "PRelu" for n in model.graph.node)
-    result = onnxprune.slim(model, speedup=1.2, round_to=4, cost_model=_cost_for("mobilefacenet"),
+    result = onnxprune.slim(model, speedup=FAKE(1.2), round_to=4, cost_model=_cost_for("mobilefacenet"),
                             progress=lambda *a: None)
     assert not any(n.op_type == "PRelu" for n in result.model.graph.node)
     assert result.report.speed.rewrites and result.plan.rewrites == ("prelu-max",)
     assert result.report.params_after < result.report.params_before
     replayed = apply_plan(model, result.plan, progress=lambda *a: None)
     assert replayed.model.SerializeToString() == result.model.SerializeToString()
+
+
+def test_measured_retry_bisects_to_the_target_when_the_cost_model_is_off(monkeypatch) -> None:
+    """The cost model predicts half the real gain (as on small, overhead-bound models): re-allocations
+    on the measured speed-up (faked here: measured = predicted squared) bring it back near the target."""
+    import onnxprune.pipeline as pipeline
+
+    def fake_measure(ctx, prep, stage, target):
+        return (cost.reference_ms / stage.predicted_ms) ** 2
+
+    cost = _cost_for("scrfd")
+    monkeypatch.setattr(pipeline, "_measure", fake_measure)
+    result = onnxprune.slim(GENERATED["scrfd"](), speedup=SpeedTarget(2.0, retries=3), stages=1, round_to=8,
+                            cost_model=cost, input_shapes=_shapes("scrfd"), progress=lambda *a: None)
+    speed = result.report.speed
+    assert speed.retarget is not None and speed.retarget < 2.0  # re-allocated for a smaller prediction
+    assert abs(speed.predicted ** 2 / 2.0 - 1) <= 0.25  # what the fake measurement would read: near 2x
+    no_retry = onnxprune.slim(GENERATED["scrfd"](), speedup=FAKE(2.0), stages=1, round_to=8, cost_model=cost,
+                              input_shapes=_shapes("scrfd"), progress=lambda *a: None)
+    assert no_retry.report.params_after < result.report.params_after  # the retry pruned less

@@ -28,6 +28,7 @@ class SpeedTarget:
     int8: bool = False
     strict: bool = False  # an unreachable target is an error (nothing written), not a warning
     relu: bool = False  # the int8 model will have its LeakyRelu/PRelu made ReLU (quantize --relu): faster
+    retries: int = 3  # float targets: re-allocations of the last stage when the measurement misses by >10%
 
     def __post_init__(self) -> None:
         if not isinstance(self.speedup, (int, float)) or not math.isfinite(self.speedup) or self.speedup <= 1:
@@ -36,6 +37,8 @@ class SpeedTarget:
             raise ConfigError(f"--threads must be a positive integer, got {self.threads}")
         if not self.providers:
             raise ConfigError("a speed target needs at least one execution provider")
+        if not isinstance(self.retries, int) or not 0 <= self.retries <= 10:
+            raise ConfigError(f"speed-target retries must be an integer from 0 to 10, got {self.retries}")
 
     def stage_targets(self, stages: int, start: float = 1.0) -> list[float]:
         """Cumulative speed-up after each of ``stages`` stages: equal factors from ``start`` (what the
