@@ -26,9 +26,9 @@ from .calibration.split import CalibrationSplit, check_task
 from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError
 from .graph.interface import restore_interface
-from .graph.io import ModelLike, write_text_atomic
+from .graph.io import ModelLike, ModelSource, write_text_atomic
 from .graph.metrics import count_params
-from .graph.shapes import Shape
+from .graph.shapes import Shape, graph_inputs
 from .passes import remove_channels
 from .passes.reconstruct import reconstruct
 from .progress import Progress, log_progress
@@ -158,6 +158,10 @@ def apply_plan(model: ModelLike, plan: Plan, *, calibration: CalibrationSet | No
 
     start = time.perf_counter()
     say = progress or log_progress
+    inputs = {i.name for i in graph_inputs(ModelSource(model).skeleton)}
+    if set(plan.input_shapes) != inputs:
+        raise ConfigError(f"the plan was made for another graph (its inputs {sorted(plan.input_shapes)}, this model's "
+                          f"{sorted(inputs)}); run slim on this model instead")
     prep = prepare(model, input_shapes={k: tuple(v) for k, v in plan.input_shapes.items()}, simplify=simplify,
                    progress=say)
     unknown = set(plan.rewrites) - {"prelu-max"}

@@ -82,6 +82,12 @@ def test_plan_for_another_graph_is_refused(tmp_path: Path, capsys) -> None:
     plan = onnxprune.slim(GENERATED["mobilefacenet"](), 0.5, **QUIET).plan
     with pytest.raises(ConfigError, match="another graph"):
         apply_plan(GENERATED["iresnet"](), plan, **QUIET)
+    renamed = GENERATED["mobilefacenet"]()
+    for node in renamed.graph.node:
+        node.input[:] = ["data" if i == "input" else i for i in node.input]
+    renamed.graph.input[0].name = "data"
+    with pytest.raises(ConfigError, match="another graph .its inputs"):  # other input names: said as such
+        apply_plan(renamed, plan, **QUIET)
     src, path = tmp_path / "other.onnx", tmp_path / "plan.json"
     onnx.save(GENERATED["iresnet"](), str(src))
     plan.save(path)
