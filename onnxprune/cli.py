@@ -23,7 +23,6 @@ from .graph.io import check_writable, load_proto, save_atomic, write_text_atomic
 from .graph.shapes import parse_input_shape
 from .int8 import DEFAULT_THRESHOLDS
 from .progress import ConsoleProgress, configure_logging
-from .budget.target import SpeedTarget
 from .compress import PruneOptions, QuantizeOptions, compress
 from .pipeline import CALIBRATED_CRITERION, DEFAULT_CRITERION, DEFAULT_ROUND_TO, analyze
 from .quantization import THRESHOLDS
@@ -326,7 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("-o", "--output", help="output path (default: IN.slim.onnx next to the input)")
     a.add_argument("--no-simplify", action="store_true", help="do not run onnxsim (give it if the plan's slim did)")
     a.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
-    a.add_argument("--report", help=argparse.SUPPRESS)
     a.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     a.add_argument("-v", "--verbose", action="count", default=0, help=_VERBOSE)
 
@@ -522,15 +520,13 @@ def _numbers(text: str | None, flag: str) -> tuple[float, ...]:
         raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
-def _speed_target(args: argparse.Namespace, int8: bool) -> SpeedTarget | None:
+def _check_speed_flags(args: argparse.Namespace) -> None:
+    """--strict, --threads and --providers describe a --speedup target (PruneOptions checks their values)."""
     if args.speedup is None:
         for flag, given in (("--strict", args.strict), ("--threads", args.threads != 1),
                             ("--providers", args.providers != "CPUExecutionProvider")):
             if given:
                 raise ConfigError(f"{flag} only applies with --speedup")
-        return None
-    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
-    return SpeedTarget(args.speedup, providers, args.threads, int8=int8, strict=args.strict)
 
 
 def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsoleProgress):
@@ -562,10 +558,10 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
                                     equalize=not args.no_equalize, max_drop=args.max_drop))) if int8 else None
     prune = None
     if args.command == "slim":
-        target = _speed_target(args, int8)
+        _check_speed_flags(args)
         prune = PruneOptions(
-            ratio=args.ratio, speedup=target.speedup if target else None, stages=args.stages,
-            providers=target.providers if target else PruneOptions.providers, threads=args.threads,
+            ratio=args.ratio, speedup=args.speedup, stages=args.stages,
+            providers=tuple(p.strip() for p in args.providers.split(",") if p.strip()), threads=args.threads,
             strict=args.strict, criterion=args.criterion, round_to=args.round_to, exclude=tuple(args.exclude),
             input_shapes=tuple(_shapes(args.input_shape).items()),
             min_keep=args.min_keep, simplify=not args.no_simplify, allocation=args.allocation,

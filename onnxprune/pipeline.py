@@ -218,7 +218,7 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
     _check_calibration_needs(calibration, criterion, recover, finetune_steps)
     say = progress or log_progress
     prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
-    rewrites = fast_prelu(prep) if target is not None and not target.int8 else ()
+    prelu_note = fast_prelu(prep) if target is not None and not target.int8 else ""
     say("analysing channel dependencies")
     analysis = analyze_channels(prep.model, prep.shapes, exclude)
     warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
@@ -240,9 +240,7 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
     ctx = StageContext(prep.model, calib, get_criterion(criterion), criterion, prep.bn_gamma, mode, round_to, min_keep,
                        int(TOLERANCE * params_in), recover is None or recover, executor, workers, say)
     cost = (cost_model or _cost_model(prep, target, latency_cache, say)) if target is not None else None
-    start_speed = cost.reference_ms / cost.predict({}) if cost is not None else 1.0  # int8 / rewrites alone
-    n_stages = stages or (auto_stages(target.speedup / start_speed) if target is not None else 1)
-    done = _run_stages(ctx, prep, analysis, ratio, params_in, target, cost, n_stages, finetune_steps, task, warns)
+    done = _run_stages(ctx, prep, analysis, ratio, params_in, target, cost, stages, finetune_steps, task, warns)
     last = done.stages[-1]
     if criterion in ("bn", "double") and not prep.bn_gamma and not any(
             n.op_type == "BatchNormalization" for n in prep.model.graph):
@@ -252,7 +250,7 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
         warns.append(f"--round-to {round_to} cannot reach the target on this model; used {last.round_to} "
                      "(layers narrower than the rounding cannot shrink)")
     pruned_ir = done.model
-    plan = make_plan(prep.model, prep.input_shapes, done.keep, rewrites)
+    plan = make_plan(prep.model, prep.input_shapes, done.keep, ("prelu-max",) if prelu_note else ())
     if not sparsity:
         prep.release_model()  # last use of the working model: free its weights before the output is serialised
     record_sparse, dense_size = None, None
@@ -266,23 +264,24 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
     say("verifying the output model")
     check = verify(prep.source.runtime_model(), pruned, prep.input_shapes)
     fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
-    speed = _speed_report(prep, pruned, target, cost, done, warns, say) if target is not None else None
+    speed = _speed_report(prep, pruned, target, cost, done, prelu_note, warns, say) if target is not None else None
     report = _slim_report(model, prep, pruned, done, criterion, ratio, params_in, round_to, exclude, check, warns,
                           mode, calib, fidelity, record_sparse, dense_size, speed, start)
     return SlimResult(pruned, report, calib.preview if calib is not None else "",
                       external_data=prep.source.external or None, fidelity=fidelity, plan=plan)
 
 
-def fast_prelu(prep: Prepared) -> tuple[str, ...]:
+def fast_prelu(prep: Prepared) -> str:
     """Float speed targets: PRelu as Max(y, a·y) (exact; ORT's float PRelu kernel is several times
-    slower, e.g. 58% of MobileFaceNet's time). Returns the rewrites made, for the plan."""
+    slower, e.g. 58% of MobileFaceNet's time). Returns what was done, as a preparation step ("": nothing)."""
     prep.model, record = prelu_split(prep.model, absorb=frozenset())
     if not record.rewritten:
-        return ()
-    prep.steps.append(f"{len(record.rewritten)} PRelu rewritten exactly as Max/Min with a per-channel Mul "
-                      "(ONNX Runtime's float PRelu kernel is slow)")
+        return ""
+    note = (f"{len(record.rewritten)} PRelu rewritten exactly as Max/Min with a per-channel Mul "
+            "(ONNX Runtime's float PRelu kernel is slow)")
+    prep.steps.append(note)
     prep.shapes = infer_concrete_shapes(prep.model, prep.input_shapes)
-    return ("prelu-max",)
+    return note
 
 
 def _speed_target(ratio: float | None, speedup: float | SpeedTarget | None) -> SpeedTarget | None:
@@ -318,12 +317,20 @@ class _Staged:
 
 
 def _run_stages(ctx: StageContext, prep: Prepared, analysis: ChannelAnalysis, ratio: float, params_in: int,
-                target: SpeedTarget | None, cost, n_stages: int, finetune_steps: int, task: str,
+                target: SpeedTarget | None, cost, n_stages: int | None, finetune_steps: int, task: str,
                 warns: list[str]) -> _Staged:
-    """Prune in ``n_stages`` steps; after each, refit (in the stage), distil, and measure held-out fidelity."""
+    """Prune in ``n_stages`` steps (None: 1 for a ratio; for a speed-up, enough that no stage buys
+    more than 2x beyond what int8 and exact rewrites give unpruned); after each, refit (in the
+    stage), distil, and measure held-out fidelity."""
     model, keep, stages, reports, finetune, retarget = prep.model, None, [], [], None, None
-    goals = (target.stage_targets(n_stages, cost.reference_ms / cost.predict({})) if target is not None
-             else [ratio * (k + 1) / n_stages for k in range(n_stages)])
+    if target is not None:
+        start = cost.reference_ms / cost.predict({})  # int8 and exact rewrites alone
+        n_stages = n_stages or auto_stages(target.speedup / start)
+        goals = target.stage_targets(n_stages, start)
+    else:
+        n_stages = n_stages or 1
+        goals = [ratio * (k + 1) / n_stages for k in range(n_stages)]
+    reference_ms = cost.reference_ms if cost is not None else None
     for k, goal in enumerate(goals):
         if k:
             ctx.say(f"stage {k + 1} of {n_stages}: analysing the pruned model")
@@ -342,7 +349,7 @@ def _run_stages(ctx: StageContext, prep: Prepared, analysis: ChannelAnalysis, ra
         if steps and ctx.calib is not None:
             model, finetune = _distill(ctx.calib, prep, model, steps, task, finetune, warns, ctx.say)
         if n_stages > 1:
-            reports.append(_stage_report(k, n_stages, goal, cost.reference_ms if cost is not None else None, prep, model, stage, ctx, task))
+            reports.append(_stage_report(k, n_stages, goal, reference_ms, prep, model, stage, ctx, task))
     return _Staged(model, stages, keep or {}, finetune, reports, retarget)
 
 
@@ -437,7 +444,7 @@ def _cost_model(prep: Prepared, target: SpeedTarget, cache: Path | None | str, s
 
 
 def _speed_report(prep: Prepared, pruned: onnx.ModelProto, target: SpeedTarget, cost: CostModel, done: _Staged,
-                  warns: list[str], say: Progress) -> SpeedReport:
+                  prelu_note: str, warns: list[str], say: Progress) -> SpeedReport:
     predicted = cost.reference_ms / done.stages[-1].predicted_ms
     if predicted < (done.retarget or target.speedup) * 0.99:
         line = (f"--speedup {target.speedup:g} is out of reach: the cost model predicts {predicted:.2f}x with every "
@@ -447,13 +454,14 @@ def _speed_report(prep: Prepared, pruned: onnx.ModelProto, target: SpeedTarget, 
         warns.append(line)
     measured = None
     if not target.int8:  # an int8 target is measured on the int8 model (slim --int8 / compress)
+        # Timed afresh even after the retries: their readings chose the candidate, so they are biased.
         say("measuring the speed-up")
         measured = measure_speedup(prep.source.runtime_model(), pruned, prep.input_shapes, target)
     return SpeedReport(target=target.speedup, providers=list(target.providers), threads=target.threads,
                        int8=target.int8, predicted=predicted, measured=measured.speedup if measured else None,
                        original_ms=measured.original_ms if measured else cost.reference_ms,
                        compressed_ms=measured.compressed_ms if measured else None,
-                       stages=list(done.reports), rewrites=[s for s in prep.steps if "PRelu rewritten" in s],
+                       stages=list(done.reports), rewrites=[prelu_note] if prelu_note else [],
                        retarget=done.retarget)
 
 

@@ -7,6 +7,7 @@ tests (test_latency_table.py) and its accuracy is a benchmark (benchmarks/speed_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,6 @@ from onnxprune.calibration import CalibrationSet
 from onnxprune.channels.analysis import analyze_channels
 from onnxprune.cli import main
 from onnxprune.errors import ConfigError, TargetUnreachableError
-from onnxprune.graph.shapes import infer_concrete_shapes
 from onnxprune.pipeline import prepare
 from onnxprune.sample_models.generate import GENERATED, NOMINAL_INPUT
 
@@ -216,7 +216,7 @@ def test_cli_strict_unreachable_writes_nothing_and_exits_1(tmp_path: Path, monke
 def test_cli_refuses_bad_speed_options(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(GENERATED["se-block"](), str(src))
-    with pytest.raises(SystemExit) if "not allowed" in message else _no_raise():
+    with pytest.raises(SystemExit) if "not allowed" in message else nullcontext():
         code = main(["slim", str(src), *argv, "-o", str(tmp_path / "o.onnx"), "-q"])
         assert code == 2
     assert message in capsys.readouterr().err
@@ -230,14 +230,6 @@ def test_options_are_validated() -> None:
         onnxprune.slim(GENERATED["se-block"]())
     assert [auto_stages(s) for s in (1.5, 2.0, 3.0, 4.0, 5.0)] == [1, 1, 2, 2, 3]
     assert SpeedTarget(4.0).stage_targets(2) == pytest.approx([2.0, 4.0])
-
-
-class _no_raise:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_float_speed_target_rewrites_prelu_exactly_and_the_plan_replays_it() -> None:

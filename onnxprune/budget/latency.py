@@ -207,6 +207,17 @@ def _layers(proto: onnx.ModelProto, input_shapes: Mapping[str, Shape]
     return found, aliases
 
 
+def width_axes(op_type: str, trans_b: bool = False) -> tuple[int, int]:
+    """(input axis, output axis) of a Conv/Gemm/MatMul weight: the layer's input width is the input
+    axis's size (times a Conv's ``group``), its output width the output axis's size."""
+    return (1, 0) if op_type == "Conv" or (op_type == "Gemm" and trans_b) else (0, 1)
+
+
+def _widths(op_type: str, w: Sequence[int], attrs: Mapping) -> tuple[int, int]:
+    i, o = width_axes(op_type, bool(attrs.get("transB", 0)))
+    return w[i] * (int(attrs.get("group", 1)) if op_type == "Conv" else 1), w[o]
+
+
 def layer_widths(model: onnx.ModelProto | ir.Model) -> dict[str, tuple[int, int]]:
     """(c_in, c_out) of every Conv/Gemm/MatMul with a constant weight, read from the weights alone.
 
@@ -220,13 +231,8 @@ def layer_widths(model: onnx.ModelProto | ir.Model) -> dict[str, tuple[int, int]
         if node.op_type not in LAYER_OPS or len(node.input) < 2 or node.input[1] not in consts:
             continue
         w = consts[node.input[1]]
-        attrs = _attrs(node)
-        if node.op_type == "Conv" and len(w) >= 3:
-            widths[node.name or node.output[0]] = (w[1] * int(attrs.get("group", 1)), w[0])
-        elif node.op_type == "Gemm" and len(w) == 2:
-            widths[node.name or node.output[0]] = (w[1], w[0]) if attrs.get("transB", 0) else (w[0], w[1])
-        elif node.op_type == "MatMul" and len(w) == 2:
-            widths[node.name or node.output[0]] = (w[0], w[1])
+        if len(w) >= 3 if node.op_type == "Conv" else len(w) == 2:
+            widths[node.name or node.output[0]] = _widths(node.op_type, w, _attrs(node))
     return widths
 
 
@@ -240,7 +246,7 @@ def _layer(node: onnx.NodeProto, w: tuple[int, ...], x: Shape | None) -> LayerWi
             return None
         n = len(w) - 2
         group = int(attrs.get("group", 1))
-        c_in, c_out = w[1] * group, w[0]
+        c_in, c_out = _widths("Conv", w, attrs)
         depthwise = group > 1 and w[1] == 1 and group == c_in
         spec = LayerSpec("Conv", tuple(x[2:]), x[0], tuple(attrs.get("kernel_shape", w[2:])),
                          tuple(attrs.get("strides", (1,) * n)), tuple(attrs.get("pads", (0,) * 2 * n)),
@@ -251,9 +257,9 @@ def _layer(node: onnx.NodeProto, w: tuple[int, ...], x: Shape | None) -> LayerWi
         return None
     if node.op_type == "Gemm":
         rows = x[1] if attrs.get("transA", 0) else x[0]
-        c_in, c_out = (w[1], w[0]) if attrs.get("transB", 0) else (w[0], w[1])
-        return LayerWidths(LayerSpec("Gemm", (), rows), c_in, c_out)
-    return LayerWidths(LayerSpec("MatMul", (), int(np.prod(x[:-1], dtype=np.int64)) if len(x) > 1 else 1), w[0], w[1])
+        return LayerWidths(LayerSpec("Gemm", (), rows), *_widths("Gemm", w, attrs))
+    return LayerWidths(LayerSpec("MatMul", (), int(np.prod(x[:-1], dtype=np.int64)) if len(x) > 1 else 1),
+                       *_widths("MatMul", w, attrs))
 
 
 def _followers(node: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodeProto]],

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from ..allocation import ParamCounter
 from ..channels.analysis import ChannelAnalysis
+from .latency import width_axes
 
 Widths = tuple[int, int]  # (input channels, output channels) of one layer
 
@@ -50,13 +51,10 @@ def weighted_layers(model: ir.Model) -> list[_Layer]:
         w = node.inputs[1]
         if w is None or w.const_value is None or len(w.const_value.shape) < 2:
             continue
-        if node.op_type == "Conv":
-            group = node.attributes.get_int("group", 1)
-            depthwise = group > 1 and w.const_value.shape[1] == 1
-            layers.append(_Layer(node.name, w.name, 0, 1, group, depthwise))
-        else:
-            trans = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
-            layers.append(_Layer(node.name, w.name, 0 if trans else 1, 1 if trans else 0, 1, False))
+        in_axis, out_axis = width_axes(node.op_type, bool(node.attributes.get_int("transB", 0)))
+        group = node.attributes.get_int("group", 1) if node.op_type == "Conv" else 1
+        depthwise = group > 1 and w.const_value.shape[1] == 1
+        layers.append(_Layer(node.name, w.name, out_axis, in_axis, group, depthwise))
     return layers
 
 
