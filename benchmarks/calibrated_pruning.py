@@ -59,12 +59,7 @@ def _models(selected: set[str]):
 
 
 def _quality(report) -> float:
-    f = report.fidelity
-    if f.get("detection_ap") is not None:
-        return f["detection_ap"]
-    if f.get("embedding"):
-        return f["embedding"]["mean_cosine"]
-    return f["top1_agreement"]
+    return report.fidelity.headline()[1]
 
 
 def main() -> int:

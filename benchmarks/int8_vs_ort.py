@@ -3,14 +3,17 @@
 
 Rows per model: fp32; ORT ``quantize_static`` with MinMax, Percentile and Entropy (its own flow:
 no equalisation, every layer int8); onnxprune ``mse`` with every layer int8, then as by default
-(layers slower in int8 than fp32 kept float, see ``quantization/latency.py``) and
-``trained`` when PyTorch is installed; for RetinaFace also ``mse --relu`` (LeakyReLU made ReLU so ORT
-fuses it into the int8 convs) and ``slim --ratio 0.69`` + int8, with and without ``--relu``, and with
-``--finetune-steps 100`` (label-free distillation) when PyTorch is installed, and ``--relu`` without
-row tiling (``--no-tile``: the full-resolution float prefix run whole). ORT's rows are never tiled. Columns:
-worst-output SQNR and cosine on held-out calibration images, the task metric (detection AP@0.5
-vs fp32, embedding cosine, top-1 agreement), file size, and ONNX Runtime CPU latency (1 thread,
-median of interleaved runs) as a ratio to fp32 measured in the same run.
+(layers slower in int8 than fp32 kept float, see ``quantization/latency.py``), the same with our ranges
+as chosen (``--ort-compare off``), and ``trained`` when PyTorch is installed. The other onnxprune rows
+also make the model with ORT's calibrators' ranges and keep the best on the held-out images, as
+``quantize`` does by default (column ``ranges``: the calibrator kept). For RetinaFace also
+``mse --relu`` (LeakyReLU made ReLU so ORT fuses it into the int8 convs) and ``slim --ratio 0.69`` +
+int8, with and without ``--relu``, and with ``--finetune-steps 100`` (label-free distillation) when
+PyTorch is installed, and ``--relu`` without row tiling (``--no-tile``: the full-resolution float
+prefix run whole). ORT's rows are never tiled. Columns: worst-output SQNR and cosine on held-out
+calibration images, the task metric (detection AP@0.5 vs fp32, embedding cosine, top-1 agreement),
+file size, and ONNX Runtime CPU latency (1 thread, median of interleaved runs) as a ratio to fp32
+measured in the same run.
 
     python benchmarks/int8_vs_ort.py [--quick] [--models retinaface,mobilefacenet,age]
 """
@@ -47,19 +50,23 @@ def _task(f: dict) -> str:
 
 def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool) -> None:
     variants: list[tuple[str, onnx.ModelProto, dict | None]] = [("fp32", model, None)]
-    for th in ("ort-minmax", "ort-percentile", "ort-entropy"):
-        r = quantize(model, data, thresholds=th, equalize_ranges=False, float_slow_layers=False, tile=False)
+    kept: dict[str, str] = {}  # variant -> calibrator whose ranges were kept (+ the comparison's time)
+
+    def ours(label: str, **options) -> None:
+        r = quantize(model, data, **options)
+        variants.append((label, r.model, r.report.fidelity))
+        comp = r.report.calibrators
+        kept[label] = r.report.thresholds + (f" (+{comp.seconds:.0f} s of {r.report.seconds:.0f})" if comp else "")
+
+    for th in ("ort-minmax", "ort-percentile", "ort-entropy"):  # ORT's own flow: nothing of ours
+        r = quantize(model, data, thresholds=th, equalize=False, float_slow_layers=False, tile=False,
+                     compare_ort=False)
         variants.append((f"ORT {th[4:]}", r.model, r.report.fidelity))
-    r = quantize(model, data, thresholds="mse", float_slow_layers=False)
-    variants.append(("mse, all int8", r.model, r.report.fidelity))
-    r = quantize(model, data, thresholds="mse")
-    variants.append(("onnxprune mse", r.model, r.report.fidelity))
-    try:
-        import torch  # noqa: F401
-        r = quantize(model, data, thresholds="trained")
-        variants.append(("onnxprune trained", r.model, r.report.fidelity))
-    except ImportError:
-        pass
+    ours("mse, all int8", thresholds="mse", float_slow_layers=False)
+    ours("onnxprune mse", thresholds="mse")
+    ours("  no ORT compare", thresholds="mse", compare_ort=False)
+    if importlib.util.find_spec("torch"):
+        ours("onnxprune trained", thresholds="trained")
     if with_slim:  # the detector's LeakyReLUs: also with --relu (ReLU fused into the int8 convs, refitted)
         r = quantize(model, data, thresholds="mse", relu=True)
         variants.append(("mse --relu", r.model, r.report.fidelity))
@@ -82,14 +89,15 @@ def bench(name: str, model: onnx.ModelProto, data, rounds: int, with_slim: bool)
     times = interleaved_times(list(sessions.values()), {inp: x}, rounds, warmup=3)
     med = {n: float(np.median(times[:, i])) / 1e3 for i, n in enumerate(sessions)}  # seconds
     print(f"\n== {name}: fp32 {med['fp32'] * 1e3:.2f} ms (median of {rounds}, 1 thread); fidelity on held-out images")
-    print(f"{'variant':22s} {'worst SQNR':>10s} {'cosine':>7s} {'task':>11s} {'size MB':>8s} {'latency':>8s} {'speed-up':>8s}")
+    print(f"{'variant':22s} {'worst SQNR':>10s} {'cosine':>7s} {'task':>11s} {'size MB':>8s} {'latency':>8s} {'speed-up':>8s}"
+          f"  ranges")
     for n, m, f in variants:
         if f is None and n != "fp32":  # end-to-end fidelity of slim+int8 against the original fp32
             f = _fidelity_vs(model, m, data)
         sq = min((o["sqnr_db"] for o in f["outputs"]), default=float("inf")) if f else float("inf")
         cos = min((o["cosine"] for o in f["outputs"]), default=1.0) if f else 1.0
         print(f"{n:22s} {sq:10.1f} {cos:7.4f} {_task(f) if f else '-':>11s} {m.ByteSize() / 1e6:8.2f} "
-              f"{med[n] / med['fp32']:8.3f} {med['fp32'] / med[n]:7.2f}x", flush=True)
+              f"{med[n] / med['fp32']:8.3f} {med['fp32'] / med[n]:7.2f}x  {kept.get(n, '')}", flush=True)
 
 
 def _fidelity_vs(original: onnx.ModelProto, candidate: onnx.ModelProto, data) -> dict:

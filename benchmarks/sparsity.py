@@ -77,7 +77,7 @@ def main() -> None:
                      seconds, result.report.sparsity))
         print(result.report.summary() if s else "", flush=True)
         models[s] = model
-        held = result.report.calibration["held_out"]
+        held = result.report.calibration.held_out
     base_gz = rows[0][3]
     print(f"RetinaFace-mnet0.25 (real), slim --ratio 0.69 --calib ../shared/data/faces ({len(photos)} photos, "
           f"{held} held out), 640x640\n")

@@ -13,11 +13,14 @@ import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Mapping, Protocol
 
 import numpy as np
 
 from .channels.analysis import ChannelAnalysis
+
+if TYPE_CHECKING:  # the scan imports the removal pass; the allocator needs only the curves' type
+    from .sensitivity import GroupSensitivity
 
 
 @dataclass
@@ -95,7 +98,8 @@ class Budget(Protocol):
 
 def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed: float, *,
              round_to: int = 16, min_keep_frac: float = 0.1, tolerance: float = 0,
-             chunk_guard: bool = True, sensitivity: dict | None = None, budget: Budget | None = None) -> Allocation:
+             chunk_guard: bool = True, sensitivity: Mapping[int, GroupSensitivity] | None = None,
+             budget: Budget | None = None) -> Allocation:
     """Choose units to remove so that about ``target_removed`` of the budget goes.
 
     The budget is parameters unless ``budget`` says otherwise. Greedy over steps: each group offers
@@ -108,64 +112,100 @@ def allocate(analysis: ChannelAnalysis, scores: dict[int, float], target_removed
     per unit of budget it saves.
     """
     counter = budget if budget is not None else ParamCounter(analysis)
-    per_budget = budget is not None  # score-only costs are divided by what a step saves
-    plans: dict[int, list[list[int]]] = {}
-    step_scores: dict[int, list[float]] = {}
-    for group in analysis.groups:
-        prunable = [u for u in group.units if analysis.units[u].prunable]
-        if not prunable:
-            continue
-        vals = np.array([scores.get(u, 0.0) for u in group.units], dtype=np.float64)
-        mean = vals.mean() if vals.size and vals.mean() > 0 else 1.0
-        ranked = sorted(prunable, key=lambda u: (scores.get(u, 0.0), u))
-        width = _channels_per_unit(analysis, group.units[0])
-        unit_step = max(1, round_to // math.gcd(round_to, width)) if round_to > 1 else 1
-        sizes = allowed_sizes(len(group.units), len(group.units) - len(prunable), unit_step, min_keep_frac)
-        steps, taken, current = [], 0, len(group.units)
-        for k in sizes:
-            count = current - k
-            steps.append(ranked[taken:taken + count])
-            taken += count
-            current = k
-        if steps:
-            plans[group.id] = steps
-            step_scores[group.id] = [float(np.mean([scores.get(u, 0.0) for u in s]) / mean) for s in steps]
-
+    steps = _Steps.plan(analysis, scores, round_to, min_keep_frac)
+    cost = _StepCost(analysis, steps, sensitivity, counter, per_budget=budget is not None)
     guard = _ChunkGuard(analysis) if chunk_guard else None
-    per_group = {g.id: (len(g.units), len(g.units)) for g in analysis.groups}
-    n_prunable = {g.id: sum(analysis.units[u].prunable for u in g.units) for g in analysis.groups}
+    removed, saved = _take_steps(steps, cost, counter, target_removed, tolerance, guard)
+    return Allocation(removed, counter.total, saved, target_removed, cost.per_group)
 
-    def cost(g: int, i: int) -> float:
+
+@dataclass
+class _Steps:
+    """Per prunable group: its steps (the units each removes, lowest scored first) and each step's
+    mean score, normalised by the group's mean score."""
+
+    plans: dict[int, list[list[int]]]
+    scores: dict[int, list[float]]
+
+    @classmethod
+    def plan(cls, analysis: ChannelAnalysis, scores: dict[int, float], round_to: int,
+             min_keep_frac: float) -> "_Steps":
+        plans: dict[int, list[list[int]]] = {}
+        step_scores: dict[int, list[float]] = {}
+        for group in analysis.groups:
+            prunable = [u for u in group.units if analysis.units[u].prunable]
+            if not prunable:
+                continue
+            vals = np.array([scores.get(u, 0.0) for u in group.units], dtype=np.float64)
+            mean = vals.mean() if vals.size and vals.mean() > 0 else 1.0
+            ranked = sorted(prunable, key=lambda u: (scores.get(u, 0.0), u))
+            width = _channels_per_unit(analysis, group.units[0])
+            unit_step = max(1, round_to // math.gcd(round_to, width)) if round_to > 1 else 1
+            sizes = allowed_sizes(len(group.units), len(group.units) - len(prunable), unit_step, min_keep_frac)
+            steps, taken, current = [], 0, len(group.units)
+            for k in sizes:
+                count = current - k
+                steps.append(ranked[taken:taken + count])
+                taken += count
+                current = k
+            if steps:
+                plans[group.id] = steps
+                step_scores[group.id] = [float(np.mean([scores.get(u, 0.0) for u in s]) / mean) for s in steps]
+        return cls(plans, step_scores)
+
+
+class _StepCost:
+    """What taking group ``g``'s step ``i`` costs, given the units each group has lost so far
+    (``per_group``: group -> (units before, after), updated by :meth:`took`)."""
+
+    def __init__(self, analysis: ChannelAnalysis, steps: _Steps, sensitivity: Mapping[int, GroupSensitivity] | None,
+                 counter: Budget, per_budget: bool) -> None:
+        self.steps, self.sensitivity, self.counter = steps, sensitivity, counter
+        self.per_budget = per_budget  # score-only costs are divided by what a step saves
+        self.per_group = {g.id: (len(g.units), len(g.units)) for g in analysis.groups}
+        self.n_prunable = {g.id: sum(analysis.units[u].prunable for u in g.units) for g in analysis.groups}
+
+    def __call__(self, g: int, i: int) -> float:
+        plans, sensitivity = self.steps.plans, self.sensitivity
         if sensitivity is None or g not in sensitivity:
             if sensitivity is not None:
                 return float("inf")
-            return _per_saving(step_scores[g][i], counter.gain(plans[g][i])) if per_budget else step_scores[g][i]
-        gone = per_group[g][0] - per_group[g][1]
-        n = max(n_prunable[g], 1)
+            score = self.steps.scores[g][i]
+            return _per_saving(score, self.counter.gain(plans[g][i])) if self.per_budget else score
+        gone = self.per_group[g][0] - self.per_group[g][1]
+        n = max(self.n_prunable[g], 1)
         added = sensitivity[g].at((gone + len(plans[g][i])) / n) - sensitivity[g].at(gone / n)
-        gain = counter.gain(plans[g][i])
-        return _per_saving(added, gain) if per_budget else added / max(gain, 1)
+        gain = self.counter.gain(plans[g][i])
+        return _per_saving(added, gain) if self.per_budget else added / max(gain, 1)
 
-    heap = [(cost(g, 0), g, 0) for g in plans]
+    def took(self, g: int, units: int) -> None:
+        before, after = self.per_group[g]
+        self.per_group[g] = (before, after - units)
+
+
+def _take_steps(steps: _Steps, cost: _StepCost, counter: Budget, target_removed: float, tolerance: float,
+                guard: "_ChunkGuard | None") -> tuple[set[int], float]:
+    """The greedy: cheapest next step first, until ``target_removed`` is met (a parameter budget also
+    skips steps that would overshoot it by more than ``tolerance``). Returns (units removed, saved)."""
+    heap = [(cost(g, 0), g, 0) for g in steps.plans]
     heapq.heapify(heap)
     removed: set[int] = set()
     saved = 0
     while heap and saved < target_removed - tolerance // 2:
         _, g, i = heapq.heappop(heap)
-        step = plans[g][i]
+        step = steps.plans[g][i]
         if guard is not None:
             step = guard.filter(step, removed)
         gain = counter.gain(step)
-        if not per_budget and saved + gain > target_removed + tolerance:
+        if not cost.per_budget and saved + gain > target_removed + tolerance:
             continue  # this group stops here; smaller steps elsewhere may still fit
         counter.remove(step)
         removed.update(step)
         saved += gain
-        before, after = per_group[g]
-        per_group[g] = (before, after - len(step))
-        if i + 1 < len(plans[g]) and len(step) == len(plans[g][i]):
+        cost.took(g, len(step))
+        if i + 1 < len(steps.plans[g]) and len(step) == len(steps.plans[g][i]):
             heapq.heappush(heap, (cost(g, i + 1), g, i + 1))
-    return Allocation(removed, counter.total, saved, target_removed, per_group)
+    return removed, saved
 
 
 def _per_saving(loss: float, gain: float) -> float:

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -23,11 +23,12 @@ import onnxruntime as ort
 from .errors import ConfigError, ModelLoadError
 from .graph.io import ModelLike, load_proto
 from .graph.metrics import ModelCost, count_nonzero_params, model_cost
+from .graph.runtime import session
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .memory import KEPT_NOTE, UNAVAILABLE_NOTE, RssMeter
 from .progress import Progress, log_progress
 from .quantization.qdq import is_int8_kernel
-from .report import SCHEMA_VERSION, _big, dims_text, shape_text, short_name
+from .report import SCHEMA_VERSION, _big, dims_text, record_dict, shape_text, short_name
 
 # Dense float compute as it appears after ORT's fusions (FusedConv etc. are com.microsoft ops).
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
@@ -69,7 +70,7 @@ class BenchReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "kind": "bench", "runs": self.runs, "warmup": self.warmup,
-                "rows": [asdict(r) for r in self.rows], "notes": list(self.notes)}
+                "rows": record_dict(self.rows), "notes": list(self.notes)}
 
     def summary(self) -> str:
         """One table per (provider, threads); rows per input shape then model, so a resolution sweep
@@ -109,77 +110,20 @@ def bench(models: Sequence[ModelLike], *, providers: Sequence[str] = ("CPUExecut
     in [0, 1] for NetScore; models without one get no NetScore. Unavailable providers are skipped
     with a note.
     """
-    if not models:
-        raise ConfigError("bench needs at least one model")
-    if runs < 1 or warmup < 0:
-        raise ConfigError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
-    if not threads or any(int(t) < 1 for t in threads):
-        raise ConfigError(f"--threads must be positive integers, got {list(threads)}")
-    accuracy = dict(accuracy or {})
-    for i, a in accuracy.items():
-        if not 0 <= i < len(models) or not 0.0 < a <= 1.0:
-            raise ConfigError(f"accuracy for model {i} must be in (0, 1] for an existing model, got {a}")
-    available = set(ort.get_available_providers())
-    notes = [f"provider {p} is not available in this onnxruntime build; skipped" for p in providers if p not in available]
-    providers = [p for p in dict.fromkeys(providers) if p in available]
-    if not providers:
-        raise ConfigError(f"none of the requested providers is available; available: {', '.join(sorted(available))}")
-
-    protos = [load_proto(m) for m in models]
-    labels = _labels(models)
-    sources = [str(m) if isinstance(m, (str, os.PathLike)) else None for m in models]
-    sizes = [p.ByteSize() for p in protos]
-    shape_sets = [_resolve_shapes(protos, dict(o)) for o in (input_shapes or [{}])]
-    costs = {(i, k): _cost(p, shape_sets[k]) for k in range(len(shape_sets)) for i, p in enumerate(protos)}
-    nonzero = {i: count_nonzero_params(protos[i]) for i in accuracy}  # NetScore's p (slim --sparsity zeros)
+    accuracy = _check_options(models, threads, runs, warmup, accuracy)
+    providers, notes = _available(providers)
+    subjects = _Subjects.load(models, input_shapes, accuracy)
+    _warm_up(subjects, providers[0], seed)
     rng = np.random.default_rng(seed)
     rows: list[BenchRow] = []
-    # ORT's one-off process setup (allocators, thread pools) would be charged to the first model's memory.
-    first = _session(sources[0] or protos[0], providers[0], 1, None, labels[0])
-    _run(first, random_inputs(first, shape_sets[0], np.random.default_rng(seed)), labels[0])
-    del first
     mem_kinds: set[str] = set()
     with tempfile.TemporaryDirectory(prefix="onnxprune-bench-") as tmp:
-        node_counts: dict[tuple[int, str], tuple[int, int]] = {}
+        counts = _NodeCounts(tmp)
         for provider in providers:
             for n_threads in threads:
-                for k, shapes in enumerate(shape_sets):
-                    sessions, mems, feeds = [], [], None
-                    for i, proto in enumerate(protos):
-                        opt_path = None
-                        if (i, provider) not in node_counts:
-                            opt_path = str(Path(tmp) / f"m{i}_{len(node_counts)}.onnx")
-                        sess = None  # else the last configuration's last session is freed inside the block
-                        meter = RssMeter()
-                        sess = _session(sources[i] or proto, provider, int(n_threads), opt_path, labels[i])
-                        if feeds is None:  # the same inputs for every model
-                            feeds = random_inputs(sess, shapes, np.random.default_rng(seed))
-                        _run(sess, feeds, labels[i])
-                        mems.append(_grown_mb(meter, feeds if i == 0 else None))  # model 0's block made the feeds
-                        mem_kinds.add(meter.kind)
-                        sessions.append(sess)
-                        if opt_path is not None:
-                            node_counts[(i, provider)] = _count_nodes(opt_path)
-                    what = f"timing {provider}, {n_threads} thread{'s' * (int(n_threads) != 1)}, {shape_text(shapes)}"
-                    times = _interleaved(sessions, feeds, runs, warmup, rng, progress, what)
-                    batch = next(iter(shapes.values()))[0] if shapes and next(iter(shapes.values())) else 1
-                    for i in range(len(protos)):
-                        t = times[:, i]
-                        cost = costs[(i, k)]
-                        row = BenchRow(
-                            model=labels[i], provider=provider, threads=int(n_threads),
-                            input_shapes={n: list(s) for n, s in shapes.items()}, file_bytes=sizes[i],
-                            params=cost.params, macs=cost.macs, int8_nodes=node_counts[(i, provider)][0],
-                            float_nodes=node_counts[(i, provider)][1], peak_mem_mb=mems[i],
-                            min_ms=float(t.min()), median_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
-                            throughput=float(batch * 1000.0 / np.median(t)),
-                            netscore=netscore(accuracy[i], nonzero[i], cost.macs) if i in accuracy else None)
-                        if len(protos) > 1:
-                            q25, q50, q75 = ratio_quartiles(t, times[:, 0])
-                            row.ratio_median, row.ratio_iqr = float(q50), float(q75 - q25)
-                            row.speedup = float(np.median(times[:, 0] / t))
-                        rows.append(row)
-                    del sessions
+                for k in range(len(subjects.shape_sets)):
+                    rows += _bench_config(subjects, provider, int(n_threads), k, runs, warmup, seed, rng, progress,
+                                          counts, mem_kinds)
     notes += [KEPT_NOTE] * ("kept" in mem_kinds) + [UNAVAILABLE_NOTE] * ("unavailable" in mem_kinds)
     return BenchReport(rows, notes, runs, warmup)
 
@@ -217,6 +161,138 @@ def interleaved_times(sessions: Sequence[ort.InferenceSession], feeds: Mapping[s
     return _interleaved(sessions, feeds, runs, warmup, np.random.default_rng(seed), progress, what, clock)
 
 
+# ----------------------------------------------------------------------------------------------- stages
+def _check_options(models: Sequence[ModelLike], threads: Sequence[int], runs: int, warmup: int,
+                   accuracy: Mapping[int, float] | None) -> dict[int, float]:
+    """Refuse bad options before any work; returns ``accuracy`` as a dict."""
+    if not models:
+        raise ConfigError("bench needs at least one model")
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"--runs must be >= 1 and --warmup >= 0, got {runs} and {warmup}")
+    if not threads or any(int(t) < 1 for t in threads):
+        raise ConfigError(f"--threads must be positive integers, got {list(threads)}")
+    accuracy = dict(accuracy or {})
+    for i, a in accuracy.items():
+        if not 0 <= i < len(models) or not 0.0 < a <= 1.0:
+            raise ConfigError(f"accuracy for model {i} must be in (0, 1] for an existing model, got {a}")
+    return accuracy
+
+
+def _available(providers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The requested providers this onnxruntime build has (each once, in order), and a note per missing one."""
+    available = set(ort.get_available_providers())
+    notes = [f"provider {p} is not available in this onnxruntime build; skipped" for p in providers if p not in available]
+    usable = [p for p in dict.fromkeys(providers) if p in available]
+    if not usable:
+        raise ConfigError(f"none of the requested providers is available; available: {', '.join(sorted(available))}")
+    return usable, notes
+
+
+@dataclass
+class _Subjects:
+    """The models compared, and what is measured of them once, whatever the configuration."""
+
+    protos: list[onnx.ModelProto]
+    labels: list[str]
+    sources: list[str | None]  # the path a model was given as (ORT reads it itself), else None
+    sizes: list[int]
+    shape_sets: list[dict[str, Shape]]  # one concrete input shape set per resolution
+    costs: dict[tuple[int, int], ModelCost]  # (model, shape set) -> params, MACs
+    nonzero: dict[int, int]  # NetScore's p for the models given an accuracy (slim --sparsity zeros)
+    accuracy: dict[int, float]
+
+    @classmethod
+    def load(cls, models: Sequence[ModelLike], input_shapes: Sequence[Mapping[str, Shape]] | None,
+             accuracy: dict[int, float]) -> "_Subjects":
+        protos = [load_proto(m) for m in models]
+        shape_sets = [_resolve_shapes(protos, dict(o)) for o in (input_shapes or [{}])]
+        return cls(protos, _labels(models), [str(m) if isinstance(m, (str, os.PathLike)) else None for m in models],
+                   [p.ByteSize() for p in protos], shape_sets,
+                   {(i, k): _cost(p, shape_sets[k]) for k in range(len(shape_sets)) for i, p in enumerate(protos)},
+                   {i: count_nonzero_params(protos[i]) for i in accuracy}, accuracy)
+
+    def source(self, i: int) -> str | onnx.ModelProto:
+        return self.sources[i] or self.protos[i]
+
+
+def _warm_up(subjects: _Subjects, provider: str, seed: int) -> None:
+    """ORT's one-off process setup (allocators, thread pools) would be charged to the first model's memory."""
+    first = _session(subjects.source(0), provider, 1, None, subjects.labels[0])
+    _run(first, random_inputs(first, subjects.shape_sets[0], np.random.default_rng(seed)), subjects.labels[0])
+
+
+class _NodeCounts:
+    """(int8, float) compute nodes per (model, provider), read from the graph ORT optimised, once."""
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.counts: dict[tuple[int, str], tuple[int, int]] = {}
+
+    def path(self, i: int, provider: str) -> str | None:
+        """Where the session should save its optimised graph; None once counted."""
+        return None if (i, provider) in self.counts else str(Path(self.tmp) / f"m{i}_{len(self.counts)}.onnx")
+
+    def read(self, i: int, provider: str, path: str | None) -> None:
+        if path is not None:
+            self.counts[(i, provider)] = _count_nodes(path)
+
+    def __getitem__(self, key: tuple[int, str]) -> tuple[int, int]:
+        return self.counts[key]
+
+
+def _bench_config(subjects: _Subjects, provider: str, threads: int, k: int, runs: int, warmup: int, seed: int,
+                  rng: np.random.Generator, progress: Progress | None, counts: _NodeCounts,
+                  mem_kinds: set[str]) -> list[BenchRow]:
+    """Every model under one (provider, threads, shape set k): opened, timed interleaved, one row each.
+    The sessions and inputs are freed on return, before the next configuration's memory is measured."""
+    shapes = subjects.shape_sets[k]
+    sessions, mems, feeds = _open_sessions(subjects, provider, threads, shapes, seed, counts, mem_kinds)
+    what = f"timing {provider}, {threads} thread{'s' * (threads != 1)}, {shape_text(shapes)}"
+    times = _interleaved(sessions, feeds, runs, warmup, rng, progress, what)
+    return [_row(subjects, i, k, provider, threads, times, mems[i], counts[(i, provider)])
+            for i in range(len(subjects.protos))]
+
+
+def _open_sessions(subjects: _Subjects, provider: str, threads: int, shapes: Mapping[str, Shape], seed: int,
+                   counts: _NodeCounts, mem_kinds: set[str]
+                   ) -> tuple[list[ort.InferenceSession], list[float | None], dict[str, np.ndarray]]:
+    """One session per model, each run once on the same random inputs; the memory each took."""
+    sessions, mems, feeds = [], [], None
+    for i in range(len(subjects.protos)):
+        opt_path = counts.path(i, provider)
+        meter = RssMeter()  # the previous configuration's sessions are gone: _bench_config returned
+        sess = _session(subjects.source(i), provider, threads, opt_path, subjects.labels[i])
+        if feeds is None:  # the same inputs for every model
+            feeds = random_inputs(sess, shapes, np.random.default_rng(seed))
+        _run(sess, feeds, subjects.labels[i])
+        mems.append(_grown_mb(meter, feeds if i == 0 else None))  # model 0's block made the feeds
+        mem_kinds.add(meter.kind)
+        sessions.append(sess)
+        counts.read(i, provider, opt_path)
+    return sessions, mems, feeds
+
+
+def _row(subjects: _Subjects, i: int, k: int, provider: str, threads: int, times: np.ndarray,
+         peak_mem_mb: float | None, nodes: tuple[int, int]) -> BenchRow:
+    """Model ``i``'s row: its latencies (column ``i`` of ``times``) and their ratios to model 0's."""
+    shapes = subjects.shape_sets[k]
+    t, cost = times[:, i], subjects.costs[(i, k)]
+    batch = next(iter(shapes.values()))[0] if shapes and next(iter(shapes.values())) else 1
+    row = BenchRow(
+        model=subjects.labels[i], provider=provider, threads=threads,
+        input_shapes={n: list(s) for n, s in shapes.items()}, file_bytes=subjects.sizes[i],
+        params=cost.params, macs=cost.macs, int8_nodes=nodes[0], float_nodes=nodes[1], peak_mem_mb=peak_mem_mb,
+        min_ms=float(t.min()), median_ms=float(np.median(t)), p90_ms=float(np.percentile(t, 90)),
+        throughput=float(batch * 1000.0 / np.median(t)),
+        netscore=(netscore(subjects.accuracy[i], subjects.nonzero[i], cost.macs) if i in subjects.accuracy
+                  else None))
+    if len(subjects.protos) > 1:
+        q25, q50, q75 = ratio_quartiles(t, times[:, 0])
+        row.ratio_median, row.ratio_iqr = float(q50), float(q75 - q25)
+        row.speedup = float(np.median(times[:, 0] / t))
+    return row
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def _interleaved(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, np.ndarray], runs: int, warmup: int,
                  rng: np.random.Generator, progress: Progress | None = None, what: str = "timing",
@@ -235,19 +311,11 @@ def _interleaved(sessions: Sequence[ort.InferenceSession], feeds: Mapping[str, n
 
 def _session(model: str | onnx.ModelProto, provider: str, threads: int, optimized_path: str | None,
              label: str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if threads > 1:
-        # Idle workers spin after each run; interleaved, that spinning would steal cores from the next model.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if optimized_path:
-        opts.optimized_model_filepath = optimized_path
-    chain = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    """A timing session (idle workers do not spin: interleaved, that would steal cores from the next
+    model); ORT's failure to load becomes a :class:`ModelLoadError` naming ``label``."""
     try:
-        source = model if isinstance(model, str) else model.SerializeToString()
-        return ort.InferenceSession(source, opts, providers=chain)
+        return session(model, threads, providers=(provider,), spinning=False, optimized_path=optimized_path,
+                       big_by_path=False)
     except Exception as exc:  # ORT raises several unrelated types
         raise ModelLoadError(f"ONNX Runtime cannot load {label} with {provider}: {_line(exc)}") from None
 

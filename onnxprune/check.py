@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from .fidelity import TASKS, FidelityReport
 from .graph.io import ModelLike, load_proto
 from .graph.shapes import Shape, random_inputs, representative_shapes
 from .progress import Progress
-from .report import SCHEMA_VERSION, shape_text
+from .report import SCHEMA_VERSION, record_dict, shape_text
 from .graph.runtime import check_batch, session
 from .verify import interface
 
@@ -52,14 +52,30 @@ class Criterion:
         return "—" if self.value is None else f"{self.value:.4g}"
 
 
+@dataclass(frozen=True)
+class LatencyReport:
+    """How the speed-up was timed (``--min-speedup``), and both models' latencies, for the report's chart."""
+
+    provider: str
+    threads: int
+    runs: int  # interleaved rounds
+    input_shapes: dict[str, list[int]]
+    median_ms: list[float]  # original, candidate
+    p90_ms: list[float]  # original, candidate
+    speedup_iqr: list[float]  # p25, p75 of the per-round original/candidate ratios
+
+    def to_dict(self) -> dict[str, Any]:
+        return record_dict(self)
+
+
 @dataclass
 class CheckReport:
     original: str
     candidate: str
     criteria: list[Criterion]
     notes: list[str] = field(default_factory=list)
-    fidelity: dict | None = None
-    latency: dict | None = None  # the speed-up timing: shape, threads, median/p90 ms of both models
+    fidelity: FidelityReport | None = None  # on every calibration sample
+    latency: LatencyReport | None = None
 
     @property
     def passed(self) -> bool:
@@ -72,9 +88,7 @@ class CheckReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "kind": "check", "passed": self.passed, "exit_code": self.exit_code,
-                "original": self.original, "candidate": self.candidate,
-                "criteria": [asdict(c) for c in self.criteria], "notes": list(self.notes), "fidelity": self.fidelity,
-                "latency": self.latency}
+                **record_dict(self)}
 
     def summary(self) -> str:
         lines = [f"check {self.candidate} against {self.original}: {'PASSED' if self.passed else 'FAILED'}"]
@@ -165,7 +179,7 @@ def check(original: ModelLike, candidate: ModelLike, *, calibration: Calibration
                               f"candidate/original serialized bytes ({cand.ByteSize():,} / {orig.ByteSize():,})"))
     if calibration is None:
         notes.append("no calibration data: fidelity not measured")
-    return CheckReport(names[0], names[1], criteria, notes, report.to_dict() if report else None, latency)
+    return CheckReport(names[0], names[1], criteria, notes, report, latency)
 
 
 # ------------------------------------------------------------------------------------------------ pieces
@@ -246,7 +260,7 @@ def _fidelity(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Infere
 
 def _speed(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.InferenceSession,
            calibration: CalibrationSet | None, min_speedup: float, runs: int, warmup: int, seed: int,
-           progress: Progress | None = None) -> tuple[Criterion, dict | None]:
+           progress: Progress | None = None) -> tuple[Criterion, LatencyReport | None]:
     """Median per-round original/candidate latency ratio, both timed interleaved on one thread
     (and the latencies themselves, for the report's chart)."""
     shapes = _speed_shapes(orig, calibration)
@@ -261,10 +275,10 @@ def _speed(orig: onnx.ModelProto, cand: onnx.ModelProto, ref_sess: ort.Inference
         return Criterion("speedup", False, None, min_speedup, f"the candidate failed to run: {_line(exc)}"), None
     q25, q50, q75 = ratio_quartiles(times[:, 0], times[:, 1])
     med = np.median(times, axis=0)
-    latency = {"provider": "CPUExecutionProvider", "threads": 1, "runs": runs,
-               "input_shapes": {k: list(v) for k, v in shapes.items()},
-               "median_ms": [float(m) for m in med], "p90_ms": [float(p) for p in np.percentile(times, 90, axis=0)],
-               "speedup_iqr": [float(q25), float(q75)]}
+    latency = LatencyReport(provider="CPUExecutionProvider", threads=1, runs=runs,
+                            input_shapes={k: list(v) for k, v in shapes.items()}, median_ms=[float(m) for m in med],
+                            p90_ms=[float(p) for p in np.percentile(times, 90, axis=0)],
+                            speedup_iqr=[float(q25), float(q75)])
     return Criterion("speedup", bool(q50 >= min_speedup), float(q50), min_speedup,
                      f"original/candidate latency, median of {runs} interleaved rounds (IQR {q25:.3f}..{q75:.3f}); "
                      f"{med[0]:.3f} -> {med[1]:.3f} ms at {shape_text(shapes)}, 1 thread"), latency

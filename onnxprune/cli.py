@@ -133,6 +133,7 @@ RELU_HELP = ("make LeakyRelu/PRelu after int8 convs ReLU, which ORT fuses into t
 PRELU_HELP = ("PReLU layers rewritten exactly into ops ONNX Runtime runs fast in an int8 model (it has no int8 PRelu, "
               "and its float one is slow): auto (default) times the two rewrites on the model and keeps the faster, "
               "split rewrites every one, keep none")
+ORT_COMPARE = {"auto": None, "on": True, "off": False}  # quantize --ort-compare -> QuantizeOptions.compare_ort
 TILE_HELP = ("do not run the full-resolution first layers in cache-sized strips of rows (on by default where it "
              "applies; same outputs, faster on detector stems)")
 
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal = calib.add_argument_group("calibration (unlabelled samples in the model's input format)")
     cal.add_argument("--calib", metavar="PATH", help="folder of images (jpg/png/bmp), one image, or .npy/.npz in the model's input format")
     cal.add_argument("--calib-count", type=int, default=64, metavar="N", help="samples to use (default 64)")
-    cal.add_argument("--seed", type=int, default=0, help="which images are picked, deterministically (default 0)")
+    cal.add_argument("--seed", type=int, default=0, help="which images are picked and, with --finetune-steps, how they are augmented "
+                     "(deterministic; default 0)")
     cal.add_argument("--preset", action=_PresetAction, metavar="NAME",
                      help="preprocessing of a face-model family (default: inferred from the model); "
                           "`--preset help` lists them")
@@ -223,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the sensitivity scan runs: local processes (default) or ray")
     p.add_argument("--ray-address", metavar="ADDR", help="with --executor ray: join this cluster")
     p.add_argument("--finetune-steps", type=int, default=0, metavar="N",
-                   help="then distil from the original on the calibration images for N steps (needs onnxprune[torch])")
+                   help="then distil from the original on the calibration images for N steps: augmented batches, outputs "
+                        "and feature maps matched, the held-out images keeping the best weights (needs onnxprune[torch])")
     p.add_argument("--int8", action="store_true", help="then quantize to int8 (needs --calib; see `quantize`)")
     p.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS,
                    help=f"with --int8: how activation ranges are chosen (default {DEFAULT_THRESHOLDS})")
@@ -231,21 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tile", action="store_true", help="with --int8: " + TILE_HELP)
     p.add_argument("--prelu", choices=PRELU_MODES, default="auto", help="with --int8: " + PRELU_HELP)
 
-    q = sub.add_parser("quantize", parents=[common, calib],
-                       help="static int8 quantization (QDQ) with calibrated activation ranges",
-                       description="Write an int8 QDQ model (ONNX Runtime's quantizer) with activation ranges chosen "
-                                   "on calibration data: mse (default), minmax, percentile, trained (PyTorch), "
-                                   "or ORT's own calibrators (ort-minmax, ort-percentile, ort-entropy).")
-    q.add_argument("-o", "--output", help="output path (default: IN.int8.onnx next to the input; for sample:NAME, in the "
-                        "working directory)")
-    q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
-    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
-    q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
-    q.add_argument("--relu", action="store_true", help=RELU_HELP)
-    q.add_argument("--no-tile", action="store_true", help=TILE_HELP)
-    q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
-    q.add_argument("--max-drop", type=float, metavar="X",
-                   help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
+    _add_quantize_parser(sub, [common, calib])
 
     b = sub.add_parser("bench", help="interleaved latency benchmark of one or more models",
                        description="Time models interleaved (A B A B ...) so machine drift cannot fake a speed-up; "
@@ -334,6 +323,29 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser("video", help=video_commands.VIDEO_HELP, description=video_commands.VIDEO_DESCRIPTION),
         _PresetAction, _VERBOSE)
     return parser
+
+
+def _add_quantize_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
+    """The ``quantize`` verb's options (``QuantizeOptions``)."""
+    q = sub.add_parser("quantize", parents=parents,
+                       help="static int8 quantization (QDQ) with calibrated activation ranges",
+                       description="Write an int8 QDQ model (ONNX Runtime's quantizer) with activation ranges chosen "
+                                   "on calibration data: mse (default), minmax, percentile, trained (PyTorch), "
+                                   "or ORT's own calibrators (ort-minmax, ort-percentile, ort-entropy).")
+    q.add_argument("-o", "--output", help="output path (default: IN.int8.onnx next to the input; for sample:NAME, in the "
+                        "working directory)")
+    q.add_argument("--thresholds", choices=list(THRESHOLDS), default=DEFAULT_THRESHOLDS)
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales (default: per output channel)")
+    q.add_argument("--no-equalize", action="store_true", help="skip cross-layer range equalisation before int8")
+    q.add_argument("--relu", action="store_true", help=RELU_HELP)
+    q.add_argument("--no-tile", action="store_true", help=TILE_HELP)
+    q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
+    q.add_argument("--max-drop", type=float, metavar="X",
+                   help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
+    q.add_argument("--ort-compare", choices=list(ORT_COMPARE), default="auto",
+                   help="also make the model with ONNX Runtime's MinMax, Percentile and Entropy ranges and keep the "
+                        "best on the held-out samples: auto (default) when there are at least 8 held-out samples and "
+                        "the model is small, on always, off never (then the --thresholds ranges are used as chosen)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,25 +482,17 @@ def _apply_plan(args: argparse.Namespace, model: str, progress: ConsoleProgress)
 
 
 def _write_report(report, directory: str, preview: str, quiet: bool) -> None:
-    """report.html (always self-contained) and the PNG charts, then one stderr line naming the page
-    (without matplotlib, the note saying the PNGs were skipped is that line)."""
-    from .html_report import write_report
-    from .plots import MISSING_NOTE, write_charts
+    """report.html (self-contained, charts inline as SVG) and each chart's PNG beside it, then one
+    stderr line naming the page."""
+    from .html_report import write_files
     try:
         Path(directory).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OnnxPruneError(f"cannot create the report directory {directory}: {exc.strerror or exc}") from None
-    charts = write_charts(report, directory, preview)
-    page = write_report(report, directory, preview)
-    if quiet:
-        return
-    clear = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress stage line left open
-    if charts is None and "report.html" in MISSING_NOTE:  # "...: wrote report.html (inline charts) without PNG..."
-        print(f"{clear}onnxprune: note: {MISSING_NOTE.replace('report.html', str(page), 1)}", file=sys.stderr)
-        return
-    if charts is None:
-        print(f"{clear}onnxprune: note: {MISSING_NOTE}", file=sys.stderr)
-    print(f"{clear}onnxprune: wrote {page}", file=sys.stderr)
+    page, _ = write_files(report, directory, preview)
+    if not quiet:
+        clear = "\r\033[K" if sys.stderr.isatty() else ""  # over a progress stage line left open
+        print(f"{clear}onnxprune: wrote {page}", file=sys.stderr)
 
 
 def _check(args: argparse.Namespace, progress: ConsoleProgress):
@@ -555,7 +559,8 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
     quant = QuantizeOptions(thresholds=args.thresholds, relu=args.relu, tile=not args.no_tile, prelu=args.prelu,
                             **({} if args.command != "quantize" else
                                dict(per_channel=not args.per_tensor, exclude=tuple(args.exclude),
-                                    equalize=not args.no_equalize, max_drop=args.max_drop))) if int8 else None
+                                    equalize=not args.no_equalize, max_drop=args.max_drop,
+                                    compare_ort=ORT_COMPARE[args.ort_compare]))) if int8 else None
     prune = None
     if args.command == "slim":
         _check_speed_flags(args)
@@ -565,8 +570,8 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
             strict=args.strict, criterion=args.criterion, round_to=args.round_to, exclude=tuple(args.exclude),
             input_shapes=tuple(_shapes(args.input_shape).items()),
             min_keep=args.min_keep, simplify=not args.no_simplify, allocation=args.allocation,
-            recover=False if args.no_recover else None, finetune_steps=args.finetune_steps, sparsity=sparsity,
-            workers=args.workers)
+            recover=False if args.no_recover else None, finetune_steps=args.finetune_steps, seed=args.seed,
+            sparsity=sparsity, workers=args.workers)
     calibration = _calibration(args, model, progress)
     if int8 and calibration is None:
         raise ConfigError("int8 quantization needs calibration data (--calib)")

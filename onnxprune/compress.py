@@ -27,13 +27,11 @@ from .executors import TaskExecutor
 from .fidelity import FidelityReport
 from .graph.io import ModelLike, load_proto, save_atomic
 from .graph.shapes import Shape
-from .int8 import DEFAULT_THRESHOLDS, quantize as quantize_model
+from .int8 import QuantizeOptions, quantize as quantize_model  # noqa: F401 - QuantizeOptions lives in int8.py
 from .passes.sparsify import check_sparsity
 from .plan import Plan
 from .pipeline import DEFAULT_ROUND_TO, check_options, slim, sparsity_report
 from .progress import Progress, log_progress
-from .quantization import THRESHOLDS
-from .quantization.prelu import check_prelu_mode
 from .report import CombinedReport
 
 
@@ -57,6 +55,7 @@ class PruneOptions:
     allocation: str = "auto"
     recover: bool | None = None
     finetune_steps: int = 0
+    seed: int = 0  # distillation's batches and augmentation
     sparsity: float = 0.0
     workers: int = 2
 
@@ -77,27 +76,6 @@ class PruneOptions:
             return None
         return SpeedTarget(self.speedup, self.providers, self.threads, int8=quantize is not None, strict=self.strict,
                            relu=quantize is not None and quantize.relu)
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """Static int8 (see :func:`onnxprune.quantize`)."""
-
-    thresholds: str = DEFAULT_THRESHOLDS
-    per_channel: bool = True
-    exclude: tuple[str, ...] = ()
-    equalize: bool = True
-    max_drop: float | None = None
-    relu: bool = False
-    tile: bool = True
-    prelu: str = "auto"  # exact PRelu rewrite before int8: auto (timed), split, keep
-
-    def __post_init__(self) -> None:
-        check_prelu_mode(self.prelu)
-        if self.thresholds not in THRESHOLDS:
-            raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {self.thresholds!r}")
-        if self.max_drop is not None and not 0 <= self.max_drop < 1:
-            raise ConfigError(f"--max-drop must be in [0, 1), got {self.max_drop}")
 
 
 @dataclass
@@ -133,7 +111,7 @@ def compress(model: ModelLike, *, prune: PruneOptions | None = None, quantize: Q
                   criterion=prune.criterion, round_to=prune.round_to, exclude=prune.exclude,
                   input_shapes=dict(prune.input_shapes) or None, min_keep=prune.min_keep, simplify=prune.simplify,
                   calibration=calibration, allocation=prune.allocation, recover=prune.recover, holdout=holdout,
-                  task=task, workers=prune.workers, finetune_steps=prune.finetune_steps, identities=identities,
+                  task=task, workers=prune.workers, finetune_steps=prune.finetune_steps, seed=prune.seed, identities=identities,
                   executor=executor, sparsity=prune.sparsity, progress=say)
     if quantize is None:
         return CompressResult(result.model, result.report, result.preview, result.external_data, result.fidelity,
@@ -154,10 +132,7 @@ def compress(model: ModelLike, *, prune: PruneOptions | None = None, quantize: Q
 
 def _quantize(model: ModelLike | onnx.ModelProto, calibration: CalibrationSet, options: QuantizeOptions,
               holdout: float, task: str, say: Progress):
-    return quantize_model(model, calibration, thresholds=options.thresholds, per_channel=options.per_channel,
-                          exclude=options.exclude, holdout=holdout, task=task, equalize_ranges=options.equalize,
-                          max_drop=options.max_drop, relu=options.relu, tile=options.tile, prelu=options.prelu,
-                          progress=say)
+    return quantize_model(model, calibration, options, holdout=holdout, task=task, progress=say)
 
 
 def _measure_int8(report, original: onnx.ModelProto, int8_model: onnx.ModelProto) -> None:

@@ -41,7 +41,7 @@ S = TypeVar("S")
 T = TypeVar("T")
 R = TypeVar("R")
 Job = Callable[[S, T], R]
-Progress = Callable[[int, int], None]
+Ticks = Callable[[int, int], None]  # (done, total) of a pool's tasks; callers wrap a progress.Progress
 
 EXECUTORS = ("local", "ray")
 
@@ -84,12 +84,12 @@ class TaskExecutor(ABC):
         """``fn(shared, item)`` for every item, yielded as each finishes (``Outcome.index`` says which)."""
 
     def map(self, fn: Job, items: Sequence[T], shared: Any = None, *,
-            progress: Progress | None = None) -> list[Outcome]:
+            progress: Ticks | None = None) -> list[Outcome]:
         """``[fn(shared, item) for item in items]`` as Outcomes, in the order of ``items``."""
         return _collect(self.imap(fn, items, shared), len(items), progress)
 
     def timing(self, fn: Job, items: Sequence[T], shared: Any = None, *,
-               progress: Progress | None = None) -> list[Outcome]:
+               progress: Ticks | None = None) -> list[Outcome]:
         """Like :meth:`map`, but one job at a time, alone on this machine (the default: in this process)."""
         return _collect(_iserial(fn, items, shared), len(items), progress)
 
@@ -103,7 +103,7 @@ class TaskExecutor(ABC):
         self.close()
 
 
-def _collect(outcomes: Iterator[Outcome], total: int, progress: Progress | None) -> list[Outcome]:
+def _collect(outcomes: Iterator[Outcome], total: int, progress: Ticks | None) -> list[Outcome]:
     """Outcomes in item order, reporting progress as each one arrives."""
     out: list[Outcome] = []
     for o in outcomes:
@@ -289,7 +289,7 @@ class RayExecutor(TaskExecutor):
                 yield self._outcome(pending.pop(r), r)
 
     def timing(self, fn: Job, items: Sequence[T], shared: Any = None, *,
-               progress: Progress | None = None) -> list[Outcome]:
+               progress: Ticks | None = None) -> list[Outcome]:
         ray = self._ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         node = ray.get_runtime_context().get_node_id()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,8 @@ import numpy as np
 from .detection import (DetectionHeads, _iou_one, conf_is_softmaxed, decode_retinaface, decode_scrfd, nms,
                         per_image, prior_boxes, recognize)
 from .errors import ConfigError
+from .records import record_dict
+from .verification import VerificationReport
 
 __all__ = [
     "FidelityReport", "OutputFidelity", "average_precision", "conf_is_softmaxed", "decode_retinaface",
@@ -115,34 +117,19 @@ def embedding_fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 
 
 def verification(embeddings: np.ndarray, labels: Sequence[Any], fmr: Sequence[float] = (1e-2, 1e-1)) -> dict[str, float]:
-    """Verification ROC over all same/different pairs: best-threshold accuracy, AUC, FNMR at fixed FMRs.
+    """Verification ROC over all same/different pairs, as the report's dict: best-threshold accuracy,
+    AUC, FNMR at fixed FMRs (see :mod:`onnxprune.verification`, which also compares two models).
 
     Why compare before/after on labelled identities: embedding cosine to the reference can stay high
     while the genuine/impostor margin shrinks; FNMR at a fixed FMR shows exactly that.
-    The FMR threshold is set on impostor scores: accept ``score > t`` with at most ``floor(fmr * n_imp)``
-    impostors above ``t``.
     """
-    e, lab = _l2n(embeddings), np.asarray(labels)
-    i, j = np.triu_indices(len(e), k=1)
-    scores, same = np.sum(e[i] * e[j], axis=1), lab[i] == lab[j]
-    gen, imp = np.sort(scores[same]), np.sort(scores[~same])
-    if not len(gen) or not len(imp):
-        raise ValueError("verification needs at least one genuine and one impostor pair")
-    # accuracy at every distinct threshold (accept score >= t), plus "accept nothing"
-    ts = np.concatenate([np.unique(scores), [np.inf]])
-    tp = len(gen) - np.searchsorted(gen, ts, "left")
-    tn = np.searchsorted(imp, ts, "left")
-    acc = (tp + tn) / (len(gen) + len(imp))
-    best = int(np.argmax(acc))
-    lo, hi = np.searchsorted(imp, gen, "left"), np.searchsorted(imp, gen, "right")
-    out = {"n_genuine": float(len(gen)), "n_impostor": float(len(imp)), "accuracy": float(acc[best]),
-           "threshold": float(ts[best]), "auc": float((lo.sum() + 0.5 * (hi - lo).sum()) / (len(gen) * len(imp)))}
-    imp_desc = imp[::-1]
-    for f in fmr:
-        k = int(math.floor(f * len(imp)))
-        t = -np.inf if k >= len(imp) else float(imp_desc[k])
-        out[f"fnmr@fmr={f:g}"] = float(np.mean(gen <= t))
-        out[f"fmr@fmr={f:g}"] = float(np.mean(imp > t))
+    from .verification import verify
+    v = verify(embeddings, [str(x) for x in labels], fmr)
+    out = {"n_genuine": float(v.genuine), "n_impostor": float(v.impostor), "accuracy": v.accuracy,
+           "threshold": v.threshold, "auc": v.auc}
+    for (f, fnmr), (_, reached) in zip(v.fnmr_at_fmr, v.fmr_reached):
+        out[f"fnmr@fmr={f:g}"] = fnmr
+        out[f"fmr@fmr={f:g}"] = reached
     return out
 
 
@@ -175,6 +162,7 @@ class FidelityReport:
     embedding: dict[str, float] | None = None
     verification_ref: dict[str, float] | None = None
     verification_got: dict[str, float] | None = None
+    verification: VerificationReport | None = None  # both models at the original's threshold, drift per identity
     top1_agreement: float | None = None
     task: str = "outputs"  # the metric used: detection, embedding, classification or outputs
     heads: str = ""  # detection: which heads were recognised, from which outputs
@@ -182,7 +170,7 @@ class FidelityReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-ready apart from inf SQNR, which json writes as Infinity)."""
-        return asdict(self)
+        return record_dict(self)
 
     def headline(self) -> tuple[str, float]:
         """(name, value) of the one number to rank by: the task metric when there is one, else the mean
@@ -221,8 +209,10 @@ class FidelityReport:
         if self.embedding is not None:
             lines.append(f"embedding cosine: mean {self.embedding['mean_cosine']:.5f}, "
                          f"min {self.embedding['min_cosine']:.5f}")
+        if self.verification is not None:
+            lines += self.verification.summary_lines()
         for tag, v in (("ref", self.verification_ref), ("got", self.verification_got)):
-            if v is not None:
+            if v is not None and self.verification is None:
                 fn = ", ".join(f"{k.split('@')[0].upper()}@{k.split('=')[1]}={x:.4f}"
                                for k, x in v.items() if k.startswith("fnmr@"))
                 lines.append(f"verification [{tag}]: acc {v['accuracy']:.4f}, auc {v['auc']:.4f}, {fn}")

@@ -1,7 +1,16 @@
-"""The ``quantize`` verb: load → opset ≥ 13 → ORT pre-processing → activation ranges → QDQ → verify → report."""
+"""The ``quantize`` verb: load → opset ≥ 13 → ORT pre-processing → activation ranges → QDQ → ORT's calibrators
+compared → verify → report.
+
+Each stage is a function handing the next a typed value: :func:`_begin` (checks, split) → :func:`_float_model`
+(:class:`FloatModel`: the graph ORT's quantizer gets, and the nodes it leaves float) → :func:`_ranges` →
+:func:`_attempt` (:class:`Attempt`: a QDQ model scored on the held-out samples) → :func:`_compare_ort`
+(:class:`CalibratorComparison`) → :func:`_keep_float` (``max_drop``) → :func:`_finish` (tiling, verification,
+:class:`QuantizeReport`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -14,10 +23,11 @@ from .calibration import CalibrationSet
 from .calibration.activations import relu_gaps
 from .calibration.split import CalibrationSplit, check_task
 from .errors import ConfigError
-from .fidelity import TASKS
+from .fidelity import MIN_HELD_OUT, TASKS, FidelityReport
 from .graph.interface import restore_interface
 from .graph.io import ModelLike, load_proto
 from .graph.matching import match_nodes
+from .graph.metrics import model_cost
 from .graph.runtime import pieces, run_all, session
 from .graph.shapes import representative_shapes
 from .graph.skeleton import skeleton
@@ -27,7 +37,8 @@ from .passes.relu_activations import fusable_activations, relu_activations
 from .passes.tile_rows import tile_rows
 from .pipeline import prepare
 from .progress import Progress, log_progress
-from .quantization.qdq import check_float32, decode_tail
+from .quantization.calibrators import ORT_CALIBRATORS, ActivationStats, make_calibrator, missing
+from .quantization.qdq import QuantizeRecord, check_float32, decode_tail
 from .quantization.latency import slow_int8_layers
 from .quantization.prelu import PreluChoice, check_prelu_mode, rewrite_prelu
 from .quantization.layer_error import WEIGHTED_OPS, LayerError, layer_errors, worst_layers
@@ -40,6 +51,70 @@ DEFAULT_THRESHOLDS = "mse"
 # energy on the calibration data. RetinaFace-mnet's LeakyReLU(0.1): 0-3% each (refitted, AP nearly kept);
 # MobileFaceNet's learnt PReLUs: 9-90% (replacing them all took the embedding cosine to 0).
 RELU_MAX_GAP = 0.05
+# compare_ort=None compares ORT's calibrators when the float model's MACs times the calibration samples stay
+# under this: each candidate costs an ORT calibration pass (unoptimised, one sample at a time), a QDQ export
+# and a held-out evaluation: in all 1-1.4 s per 1e9 of MACs x samples on an x86 core (ORT 1.32). MobileFaceNet
+# 112x112 (0.22 GMAC x 40 images) +12 s on a 10 s run; age-v1 64x64 +2.6 s on 3 s; RetinaFace-mnet0.25
+# 640x640 (1.06 GMAC x 29 images) +31 s on 20 s, so at 64 images it is left to --ort-compare on.
+ORT_COMPARE_MAX_MACS = 20e9
+# ORT's ranges are kept only when they score better than ours by more than float noise between runs: on the
+# fidelity headline, or on a tie there (top-1 agreement on a few images often ties) on the mean output cosine.
+ORT_WIN_MARGIN = 1e-6
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Static int8 (see :func:`quantize`), checked when made so a bad value fails before any work."""
+
+    thresholds: str = DEFAULT_THRESHOLDS  # the calibrator (``quantization/calibrators.py``)
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    equalize: bool = True
+    max_drop: float | None = None
+    max_float_layers: int = 8  # with max_drop
+    float_slow_layers: bool = True
+    relu: bool = False
+    tile: bool = True
+    prelu: str = "auto"  # exact PRelu rewrite before int8: auto (timed), split, keep
+    compare_ort: bool | None = None  # ORT's MinMax/Percentile/Entropy ranges as candidates; None: when cheap
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        check_prelu_mode(self.prelu)
+        if self.thresholds not in THRESHOLDS:
+            raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {self.thresholds!r}")
+        if self.max_drop is not None and not 0 <= self.max_drop < 1:
+            raise ConfigError(f"--max-drop must be in [0, 1), got {self.max_drop}")
+
+
+@dataclass
+class CalibratorScore:
+    """One calibrator's ranges made into the QDQ model, scored on the held-out samples (higher is better)."""
+
+    calibrator: str  # a --thresholds name: ours first, then ort-minmax, ort-percentile, ort-entropy
+    score: float  # the fidelity headline (task metric, else mean output cosine)
+    cosine: float  # mean output cosine: breaks ties of ``score``
+    seconds: float  # its calibration, QDQ export and evaluation (ours: and its per-layer error table)
+
+
+@dataclass
+class CalibratorComparison:
+    """``quantize``'s ranges against ONNX Runtime's own calibrators on the same calibration split, each made
+    into the same QDQ model (ORT's quantizer, ``TensorQuantOverrides``, same float nodes): the best was kept."""
+
+    metric: str  # what ``score`` is: "embedding cosine", "detection AP@0.5", ...
+    held_out: int  # samples scored on
+    requested: str  # the calibrator asked for (``thresholds``)
+    winner: str
+    candidates: list[CalibratorScore] = field(default_factory=list)
+    seconds: float = 0.0  # the comparison's extra time (ORT calibrations, exports, evaluations)
+
+    def summary(self) -> str:
+        scores = ", ".join(f"{c.calibrator} {c.score:.5f}" + (f" (cos {c.cosine:.5f})" if c.score != c.cosine else "")
+                           for c in self.candidates)
+        kept = "kept" if self.winner == self.requested else "ORT's ranges kept:"
+        return (f"calibrators on {self.held_out} held-out ({self.metric}): {scores}; {kept} {self.winner} "
+                f"(+{self.seconds:.1f} s)")
 
 
 @dataclass
@@ -61,6 +136,7 @@ class QuantizeReport:
     relu_replaced: list[str] = field(default_factory=list)  # LeakyRelu/PRelu nodes made Relu (``relu=True``)
     tiled: dict | None = None  # the float prefix run in row strips (``tile=True``): nodes, strips
     prelu: dict | None = None  # exact PRelu rewrites before int8 (``prelu=``): PreluChoice.to_dict()
+    calibrators: CalibratorComparison | None = None  # ORT's calibrators compared (``compare_ort``), or None
 
     def to_dict(self) -> dict[str, Any]:
         return {"schema": 1, "kind": "quantize", **asdict(self)}
@@ -81,6 +157,8 @@ class QuantizeReport:
             lines.append(f"activations made ReLU (fused into int8 convs, then refitted): {len(self.relu_replaced)}")
         if self.prelu:
             lines.append(PreluChoice.from_dict(self.prelu).summary())
+        if self.calibrators:
+            lines.append(self.calibrators.summary())
         if self.fidelity_summary:
             lines += ["held-out " + self.fidelity_summary.splitlines()[0]] + self.fidelity_summary.splitlines()[1:]
         lines += self._worst_layers()
@@ -178,15 +256,22 @@ def most_harmful_layer(float_model: onnx.ModelProto, rows: Sequence[LayerError],
     return max(candidates, key=lambda r: r.added).node if candidates else None
 
 
-def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str = DEFAULT_THRESHOLDS,
-             per_channel: bool = True, exclude: Sequence[str] = (), holdout: float = 0.25, task: str = "auto",
-             equalize_ranges: bool = True, max_drop: float | None = None, max_float_layers: int = 8,
-             float_slow_layers: bool = True, relu: bool = False, tile: bool = True, prelu: str = "auto",
-             progress: Progress | None = None) -> QuantizeResult:
-    """Static int8 QDQ model of ``model``, with activation ranges chosen by ``thresholds`` on ``calibration``.
+def quantize(model: ModelLike, calibration: CalibrationSet, options: QuantizeOptions | None = None, *,
+             holdout: float = 0.25, task: str = "auto", progress: Progress | None = None,
+             **fields: Any) -> QuantizeResult:
+    """Static int8 QDQ model of ``model``, with activation ranges chosen on ``calibration``.
+
+    ``options``: a :class:`QuantizeOptions`, or its fields as keywords (``thresholds="trained", relu=True``),
+    which override those of ``options``. ``holdout``: share of ``calibration`` kept out of fitting to
+    measure fidelity (``task``: see ``fidelity.TASKS``).
 
     Before quantization, BatchNorm is folded and channel ranges are equalised across layers
-    (``equalize_ranges``, function-preserving), which int8 needs on depthwise architectures.
+    (``equalize``, function-preserving), which int8 needs on depthwise architectures.
+    ``thresholds`` names the calibrator choosing the ranges (``quantization/calibrators.py``).
+    ``compare_ort``: ONNX Runtime's MinMax, Percentile and Entropy calibrators are also run on the
+    same samples, each made into the same QDQ model and scored on the held-out samples, and the best
+    ranges are kept (:class:`CalibratorComparison` in the report); None (default) does it when the
+    held-out samples can tell them apart and the model is small (:func:`_why_not_compare`).
     With ``max_drop``, the layers that add the most error are kept in float, one at a time, until
     the held-out fidelity drop (1 - task metric, or 1 - mean output cosine) is at most ``max_drop``.
     ``float_slow_layers`` keeps in float the layers ORT's int8 CPU kernels run slower than fp32
@@ -200,99 +285,255 @@ def quantize(model: ModelLike, calibration: CalibrationSet, *, thresholds: str =
     int8 PRelu): ``auto`` (default) where timing on the model says so, ``split`` all, ``keep`` none.
     With ``relu`` the nearly-ReLU ones become ReLU first; the rest are rewritten exactly.
     """
+    options = dataclasses.replace(options or QuantizeOptions(), **fields)
     start = time.perf_counter()
-    if thresholds not in THRESHOLDS:
-        raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {thresholds!r}")
+    run = _begin(model, calibration, options, holdout, task, progress or log_progress)
+    flt = _float_model(run)
+    began = time.perf_counter()
+    name, ranges = _ranges(run, flt)
+    run.say(f"quantizing ({name})")
+    ours = _attempt(run, flt, ranges, flt.excluded, name)
+    ours.seconds = time.perf_counter() - began
+    best, comparison = _compare_ort(run, flt, ours)
+    best, kept_float = _keep_float(run, flt, best)
+    return _finish(run, flt, best, kept_float, comparison, start)
+
+
+@dataclass
+class _Run:
+    """What the stages of one ``quantize`` call read, and the notes they add."""
+
+    model: ModelLike
+    original: onnx.ModelProto
+    options: QuantizeOptions
+    thresholds: str  # options.thresholds, or mse when that calibrator cannot run here
+    task: str
+    shapes: dict
+    split: CalibrationSplit
+    say: Progress
+    notes: list[str] = field(default_factory=list)
+
+
+def _begin(model: ModelLike, calibration: CalibrationSet, options: QuantizeOptions, holdout: float, task: str,
+           say: Progress) -> _Run:
+    """Checks on the input and the data, before any expensive work; the calibration split."""
     if task not in TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
-    check_prelu_mode(prelu)
-    say = progress or log_progress
-    notes: list[str] = []
     original = load_proto(model)
     check_not_quantized(original)
     check_float32(original)
-    if thresholds == "trained":
-        try:
-            from .quantization import trained  # noqa: F401
-        except ImportError:
-            notes.append("trained thresholds need PyTorch (pip install 'onnxprune[torch]'); used mse")
-            thresholds = "mse"
+    thresholds, notes = options.thresholds, []
+    why = missing(thresholds)
+    if why:
+        notes.append(f"{why}; used mse")
+        thresholds = "mse"
     shapes = representative_shapes(original)
     split = CalibrationSplit.split(calibration, holdout, shapes)
-    check_task(original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
+    check_task(original, calibration, task)  # refuses a batch fixed above 1
+    return _Run(model, original, options, thresholds, task, shapes, split, say, notes)
+
+
+@dataclass
+class FloatModel:
+    """The float graph handed to ORT's quantizer (pre-processed, tensor names ORT's), and what stays float."""
+
+    pre: onnx.ModelProto
+    excluded: list[str]  # kept float by rule: --exclude, slow in int8 (float_slow_layers), box decoding
+    float_ops: list[str]  # the PRelu rewrites' float nodes (exact slopes)
+    relu_replaced: list[str]  # LeakyRelu/PRelu made Relu (``relu``)
+    prelu: PreluChoice
+
+    @property
+    def float_nodes(self) -> list[str]:
+        return [*self.excluded, *self.float_ops]
+
+
+def _float_model(run: _Run) -> FloatModel:
+    """BN folded, optional ReLU replacement, equalisation, PRelu rewrite, then ORT's pre-processing."""
+    opts, split, say = run.options, run.split, run.say
     say("pre-processing for quantization")
-    prep = prepare(original, simplify=True)  # BN folded, Identity removed: what equalisation needs
-    graph = prep.model
+    graph = prepare(run.original, simplify=True).model  # BN folded, Identity removed: what equalisation needs
     replaced: list[str] = []
-    if relu:
-        graph, replaced, relu_notes = _relu(graph, exclude, float_slow_layers, split, say)
-        notes += relu_notes
-    if equalize_ranges:
+    if opts.relu:
+        graph, replaced, relu_notes = _relu(graph, opts.exclude, opts.float_slow_layers, split, say)
+        run.notes += relu_notes
+    if opts.equalize:
         graph, eq = equalize(graph)
-        notes.append(f"cross-layer equalisation on {len(eq.pairs)} conv pairs")
-    graph, prelu_done = rewrite_prelu(graph, prelu, split.input_name, split.batches, exclude=exclude, progress=say)
+        run.notes.append(f"cross-layer equalisation on {len(eq.pairs)} conv pairs")
+    graph, prelu_done = rewrite_prelu(graph, opts.prelu, split.input_name, split.batches, exclude=opts.exclude,
+                                      progress=say)
     pre = pre_process(to_opset13(ir.to_proto(graph)))
     float_ops = [n.name for n in pre.graph.node if n.name in set(prelu_done.float_nodes)]  # exact slopes
-    excluded, unmatched = _matching(pre, exclude)
-    notes += [f"--exclude {p!r} matched no node" for p in unmatched]
-    if float_slow_layers:
+    return FloatModel(pre, _kept_float_by_rule(run, pre), float_ops, replaced, prelu_done)
+
+
+def _kept_float_by_rule(run: _Run, pre: onnx.ModelProto) -> list[str]:
+    """Nodes of ``pre`` left float: matched by --exclude, slower in int8 on CPU, box decoding from Exp on."""
+    excluded, unmatched = _matching(pre, run.options.exclude)
+    run.notes.extend(f"--exclude {p!r} matched no node" for p in unmatched)
+    if run.options.float_slow_layers:
         slow = [n for n in slow_int8_layers(pre) if n not in excluded]
         excluded += slow
         if slow:
-            notes.append(f"kept in float for CPU speed (int8 kernels slower there): {len(slow)} node(s)")
+            run.notes.append(f"kept in float for CPU speed (int8 kernels slower there): {len(slow)} node(s)")
     tail = [n for n in decode_tail(pre) if n not in excluded]
     if tail:
         excluded += tail
-        notes.append(f"box decoding kept in float: {len(tail)} node(s) from Exp on (int8 cannot hold exp's range)")
-    ranges = None
-    if thresholds == "trained":
-        from .quantization.qdq import compute_ranges
-        from .quantization.trained import train_ranges
-        say("activation ranges (mse) to start from")
-        init = compute_ranges(pre, split.input_name, split.batches, "mse", say)
-        first, _ = quantize_qdq(pre, split.input_name, split.batches, thresholds="mse", ranges=init,
-                                per_channel=per_channel, exclude_nodes=excluded + float_ops)
-        say("training activation thresholds")
-        ranges, train_notes = train_ranges(pre, split.input_name, split.batches, init=init, qdq=first,
-                                           progress=say)
-        notes += train_notes
-    def attempt(ranges, exclude_nodes: list[str]):
-        """Quantize, measure each layer (on ``pre``'s names, so before restoring the interface), evaluate."""
-        q, rec = quantize_qdq(pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
-                              per_channel=per_channel, exclude_nodes=[*exclude_nodes, *float_ops], progress=say)
-        say("per-layer quantization error")
-        table = layer_errors(pre, q, split.input_name, split.batches)
-        q = restore_interface(q, original)
-        return q, rec, table, split.evaluate(original, q, task)
+        run.notes.append(f"box decoding kept in float: {len(tail)} node(s) from Exp on (int8 cannot hold exp's range)")
+    return excluded
 
-    say(f"quantizing ({thresholds})")
-    quantized, record, rows, fidelity = attempt(ranges, excluded)
-    kept_float: list[str] = []
-    while max_drop is not None and 1 - fidelity.headline()[1] > max_drop and len(kept_float) < max_float_layers:
-        worst = most_harmful_layer(pre, rows, skip=excluded + kept_float)
+
+def _ranges(run: _Run, flt: FloatModel) -> tuple[str, dict[str, tuple[float, float]]]:
+    """(calibrator name, its range per activation tensor of ``flt.pre``)."""
+    calibrator = make_calibrator(run.thresholds, per_channel=run.options.per_channel,
+                                 exclude_nodes=tuple(flt.float_nodes))
+    stats = ActivationStats(flt.pre, run.split.input_name, run.split.batches, run.say)
+    ranges = calibrator.ranges(stats)
+    run.notes += stats.notes
+    return calibrator.name, ranges
+
+
+@dataclass
+class Attempt:
+    """One QDQ model of the float model and how it scores on the held-out samples."""
+
+    model: onnx.ModelProto  # with the user's interface restored
+    record: QuantizeRecord  # the calibrator's name, its ranges, the nodes left float
+    fidelity: FidelityReport | None
+    rows: list[LayerError]  # per-layer error table (empty until measured)
+    qdq: onnx.ModelProto | None = None  # as ORT wrote it (``pre``'s interface), while ``rows`` is pending
+    preview: str = ""  # the held-out detection preview of this model (detectors)
+    seconds: float = 0.0
+
+    @property
+    def score(self) -> float:
+        return self.fidelity.headline()[1] if self.fidelity is not None else float("nan")
+
+    @property
+    def cosine(self) -> float:
+        outputs = self.fidelity.outputs if self.fidelity is not None else []
+        return float(np.mean([o.cosine for o in outputs])) if outputs else float("nan")
+
+    def beats(self, other: Attempt) -> bool:
+        """Better than ``other`` by more than ``ORT_WIN_MARGIN``: on the headline, or on a tie there on the cosine."""
+        if abs(self.score - other.score) <= ORT_WIN_MARGIN:
+            return self.cosine > other.cosine + ORT_WIN_MARGIN
+        return self.score > other.score + ORT_WIN_MARGIN
+
+
+def _attempt(run: _Run, flt: FloatModel, ranges: dict | None, excluded: list[str], thresholds: str, *,
+             table: bool = True) -> Attempt:
+    """Quantize with ``ranges``, measure each layer (``table``: on ``pre``'s names, so before restoring the
+    interface; else the QDQ model is kept to measure later), evaluate on the held-out samples."""
+    split = run.split
+    q, rec = quantize_qdq(flt.pre, split.input_name, split.batches, thresholds=thresholds, ranges=ranges,
+                          per_channel=run.options.per_channel, exclude_nodes=[*excluded, *flt.float_ops],
+                          progress=run.say)
+    rows: list[LayerError] = []
+    raw = None
+    if table:
+        run.say("per-layer quantization error")
+        rows = layer_errors(flt.pre, q, split.input_name, split.batches)
+    else:
+        raw = onnx.ModelProto()
+        raw.CopyFrom(q)
+    q = restore_interface(q, run.original)
+    fidelity = split.evaluate(run.original, q, run.task)
+    return Attempt(q, rec, fidelity, rows, raw, split.preview)
+
+
+def _compare_ort(run: _Run, flt: FloatModel, ours: Attempt) -> tuple[Attempt, CalibratorComparison | None]:
+    """The best of ``ours`` and ORT's MinMax/Percentile/Entropy ranges on the same split, each exported the
+    same way and scored on the held-out samples; ORT's must beat ours (:meth:`Attempt.beats`)."""
+    why = _why_not_compare(run, flt, ours)
+    if why is not None:
+        run.notes += [f"ONNX Runtime's calibrators not compared: {why}"] if why else []
+        return ours, None
+    start = time.perf_counter()
+    stats = ActivationStats(flt.pre, run.split.input_name, run.split.batches, run.say)
+    scores = [CalibratorScore(ours.record.thresholds, ours.score, ours.cosine, ours.seconds)]
+    best, made = ours, []
+    for name in ORT_CALIBRATORS:
+        if name == ours.record.thresholds:
+            continue
+        began = time.perf_counter()
+        ranges = make_calibrator(name, exclude_nodes=tuple(flt.float_nodes)).ranges(stats)
+        # ORT's Entropy at its default 128 bins often returns MinMax's ranges: the same model, made once
+        candidate = next((a for r, a in made if r == ranges), None)
+        if candidate is None:
+            run.say(f"quantizing ({name}) to compare")
+            candidate = _attempt(run, flt, ranges, flt.excluded, name, table=False)
+            made.append((ranges, candidate))
+        scores.append(CalibratorScore(name, candidate.score, candidate.cosine, time.perf_counter() - began))
+        if candidate.beats(best):
+            best = candidate
+    if best is not ours:
+        run.say("per-layer quantization error")
+        best.rows = layer_errors(flt.pre, best.qdq, run.split.input_name, run.split.batches)
+    best.qdq = None
+    metric = ours.fidelity.headline()[0] if ours.fidelity is not None else ""
+    held = ours.fidelity.n_inputs if ours.fidelity is not None else 0
+    return best, CalibratorComparison(metric, held, ours.record.thresholds, best.record.thresholds, scores,
+                                      time.perf_counter() - start)
+
+
+def _why_not_compare(run: _Run, flt: FloatModel, ours: Attempt) -> str | None:
+    """None to compare ORT's calibrators; '' when told not to; else why the automatic choice skips them."""
+    mode = run.options.compare_ort
+    if mode is False:
+        return ""
+    if ours.fidelity is None:
+        return "no held-out fidelity to score them on"
+    if mode:
+        return None
+    held, total = len(run.split.held), len(run.split.held) + len(run.split.fit)
+    if held < MIN_HELD_OUT:
+        return (f"{held} held-out samples, fewer than {MIN_HELD_OUT}: their scores would not tell the calibrators "
+                "apart (compare_ort=True, --ort-compare on, forces it)")
+    macs = model_cost(flt.pre, run.shapes).macs
+    if macs * total > ORT_COMPARE_MAX_MACS:
+        return (f"{macs / 1e9:.2f} GMAC x {total} samples is over the {ORT_COMPARE_MAX_MACS / 1e9:.0f} G it does "
+                "automatically (each calibrator costs a calibration pass, a QDQ export and an evaluation; "
+                "--ort-compare on forces it)")
+    return None
+
+
+def _keep_float(run: _Run, flt: FloatModel, best: Attempt) -> tuple[Attempt, list[str]]:
+    """``max_drop``: the most harmful layers kept float one at a time until the held-out drop is small enough."""
+    max_drop, kept = run.options.max_drop, []
+    if max_drop is None:
+        return best, kept
+    while 1 - best.fidelity.headline()[1] > max_drop and len(kept) < run.options.max_float_layers:
+        worst = most_harmful_layer(flt.pre, best.rows, skip=flt.excluded + kept)
         if worst is None:
             break
-        kept_float.append(worst)
-        say(f"keeping {worst} in float ({len(kept_float)})")
-        quantized, record, rows, fidelity = attempt(record.ranges or None, excluded + kept_float)
-    if max_drop is not None:
-        drop = 1 - fidelity.headline()[1]
-        notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept_float)} layer(s) kept in float"
+        kept.append(worst)
+        run.say(f"keeping {worst} in float ({len(kept)})")
+        best = _attempt(run, flt, best.record.ranges or None, flt.excluded + kept, best.record.thresholds)
+    drop = 1 - best.fidelity.headline()[1]
+    run.notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept)} layer(s) kept in float"
                      + ("" if drop <= max_drop else " (target not reached)"))
-    excluded = excluded + kept_float
-    tiled = None
-    if tile:
-        say("row tiling")
-        quantized, tiled, tile_note = _tile(quantized, split, shapes.get(split.input_name))
-        notes.append(tile_note)
-    say("verifying the output model")
-    verify(original, quantized, shapes)
+    return best, kept
+
+
+def _finish(run: _Run, flt: FloatModel, best: Attempt, kept_float: list[str],
+            comparison: CalibratorComparison | None, start: float) -> QuantizeResult:
+    """Row tiling, verification against the original, and the report."""
+    quantized, tiled = best.model, None
+    if run.options.tile:
+        run.say("row tiling")
+        quantized, tiled, tile_note = _tile(quantized, run.split, run.shapes.get(run.split.input_name))
+        run.notes.append(tile_note)
+    run.say("verifying the output model")
+    verify(run.original, quantized, run.shapes)
+    fidelity, record = best.fidelity, best.record
     report = QuantizeReport(
-        model=str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>", output=None,
-        thresholds=thresholds, per_channel=per_channel, size_before=original.ByteSize(),
-        size_after=quantized.ByteSize(), kernels=int8_kernels(quantized), excluded=excluded,
+        model=str(run.model) if not isinstance(run.model, onnx.ModelProto) else "<in-memory model>", output=None,
+        thresholds=record.thresholds, per_channel=run.options.per_channel, size_before=run.original.ByteSize(),
+        size_after=quantized.ByteSize(), kernels=int8_kernels(quantized), excluded=flt.excluded + kept_float,
         ranges=len(record.ranges), fidelity=fidelity.to_dict() if fidelity else None,
-        fidelity_summary=fidelity.summary() if fidelity else "", notes=notes + record.notes,
-        seconds=time.perf_counter() - start, layer_errors=[r.to_dict() for r in rows], relu_replaced=replaced,
-        tiled=tiled, prelu=prelu_done.to_dict() if prelu_done.summary() else None)
-    return QuantizeResult(quantized, report, split.preview)
+        fidelity_summary=fidelity.summary() if fidelity else "", notes=run.notes + record.notes,
+        seconds=time.perf_counter() - start, layer_errors=[r.to_dict() for r in best.rows],
+        relu_replaced=flt.relu_replaced, tiled=tiled, prelu=flt.prelu.to_dict() if flt.prelu.summary() else None,
+        calibrators=comparison)
+    return QuantizeResult(quantized, report, best.preview)

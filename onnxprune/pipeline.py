@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import warnings
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -23,6 +23,7 @@ from .calibration import CalibrationSet
 from .calibration.split import CalibrationSplit, check_task
 from .bench import netscore
 from .fidelity import TASKS, FidelityReport
+from .finetune import DistillOptions, DistillRecord
 from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError, NothingToPruneError, TargetUnreachableError
 from .executors import TaskExecutor
@@ -31,13 +32,13 @@ from .graph.io import ModelLike, ModelSource, materialize, save_atomic, stored_s
 from .graph.metrics import count_macs, count_nonzero_params, count_params, weight_zeros
 from .memory import release_memory
 from .graph.shapes import Shape, infer_concrete_shapes, representative_shapes
-from .passes import cleanup, fold_batchnorm, prelu_split
+from .passes import Cleanup, FoldBatchNorm, prelu_split, run_composed
 from .plan import Plan, make_plan
 from .passes.sparsify import SparsifyRecord, check_sparsity, sparsify
 from .quantization.qdq import check_not_quantized
 from .progress import Progress, log_progress
-from .report import (AnalysisReport, GroupReport, LayerReport, RefitReport, SlimReport, SparseLayerReport,
-                     SparsityReport, SpeedReport, StageReport)
+from .report import (AnalysisReport, GroupReport, LayerReport, RefitReport, SensitivityReport, SlimReport,
+                     SparseLayerReport, SparsityReport, SpeedReport, StageReport)
 from .saliency.criteria import NEEDS_CALIBRATION, get_criterion
 from .stages import LatencyBudget, ParamBudget, Stage, StageContext, run_stage
 from .verify import verify
@@ -89,7 +90,7 @@ class SlimResult:
     report: SlimReport
     preview: str = ""  # SVG of detections on a held-out photo (detectors with calibration data)
     external_data: bool | None = None  # save weights beside the model (None: only if too big for one protobuf)
-    fidelity: FidelityReport | None = None  # held-out fidelity (also in ``report.fidelity`` as a dict)
+    fidelity: FidelityReport | None = None  # held-out fidelity (the same object as ``report.fidelity``)
     plan: Plan | None = None  # the kept channels, replayable on the same architecture (``apply_plan``)
 
     def save(self, path: str | Path, *, protect: Sequence[str | Path] = ()) -> Path:
@@ -124,16 +125,17 @@ def prepare(model: ModelLike, *, input_shapes: Mapping[str, Shape] | None = None
     else:
         m = source.ir_model()  # from a path: external weights memory-mapped, read when a pass needs them
     say("canonicalising graph")
-    m, rec = cleanup(m)
-    steps += [f"cleanup: {p}" for p in rec.passes]
-    m, fold = fold_batchnorm(m)
-    if fold.folded:
-        steps.append(f"folded {len(fold.folded)} BatchNormalization into Conv")
+
+    clean, fold = Cleanup(), FoldBatchNorm()
+    m = run_composed(ir.passes.PassManager([clean, fold]), m).model  # each pass keeps its record
+    steps += [f"cleanup: {p}" for p in clean.record.passes]
+    if fold.record.folded:
+        steps.append(f"folded {len(fold.record.folded)} BatchNormalization into Conv")
     materialize(m)  # the weights folding did not replace: read once, then the input's file is unmapped
     release_memory()  # the graphs before folding still hold the unfolded weights
     say("inferring shapes")
     shapes = infer_concrete_shapes(m, shapes_in)
-    return Prepared(source, m, shapes_in, shapes, fold.gamma, steps, notes)
+    return Prepared(source, m, shapes_in, shapes, fold.record.gamma, steps, notes)
 
 
 def _simplify(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
@@ -180,33 +182,23 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
          exclude: Sequence[str] = (), input_shapes: Mapping[str, Shape] | None = None, min_keep: float = 0.1,
          simplify: bool = True, calibration: CalibrationSet | None = None, allocation: str = "auto",
          recover: bool | None = None, holdout: float = 0.25, task: str = "auto", workers: int = 2,
-         finetune_steps: int = 0, identities: tuple[np.ndarray, list[str]] | None = None,
+         finetune_steps: int = 0, seed: int = 0, identities: tuple[np.ndarray, list[str]] | None = None,
          executor: TaskExecutor | None = None, sparsity: float = 0.0, latency_cache: Path | None | str = "default",
          cost_model: CostModel | None = None, progress: Progress | None = None) -> SlimResult:
-    """Remove whole channels: about ``ratio`` of the model's parameters, or as many as it takes to
-    make it ``speedup`` times faster (exactly one of the two).
+    """Remove whole channels: about ``ratio`` of the parameters, or as many as make it ``speedup`` times
+    faster (exactly one; a :class:`~onnxprune.budget.target.SpeedTarget` also names EP, threads, int8,
+    strictness). Speed is budgeted in ms from a per-layer cost model measured in ONNX Runtime
+    (``budget/latency.py``; ``latency_cache=None``: in memory; ``cost_model`` replaces it).
+    ``stages``: prune in that many steps, each recovered before the next is scored.
 
-    ``speedup`` (a number, or a :class:`~onnxprune.budget.target.SpeedTarget` naming the execution
-    provider, threads, whether the int8 version is what must be fast, and whether an unreachable
-    target is an error) spends the budget in milliseconds predicted by a cost model measured layer
-    by layer in ONNX Runtime on this machine (``onnxprune/budget/latency.py``, cached on disk;
-    ``latency_cache=None`` keeps it in memory; ``cost_model`` replaces it, e.g. with times measured on
-    the target board), and the report gives predicted and measured speed-up.
-    ``stages`` prunes in that many steps, each refitted (and distilled) before the next is scored;
-    default 1 for ``ratio``, and enough stages for ``speedup`` that none buys more than 2x.
+    With ``calibration`` (see :func:`onnxprune.calibration.load_calibration`): activation scores, a
+    per-group sensitivity scan, mean compensation, a least-squares refit, and held-out fidelity;
+    ``finetune_steps`` then distils from the original (PyTorch; augmented with ``seed``, keep-best on
+    the held-out samples: ``finetune.py``). ``sparsity``: that share of the remaining weights zeroed
+    and refitted (``passes/sparsify.py``). Without data, weight criteria only.
 
-    With ``calibration`` (unlabelled samples in the model's input format, see
-    :func:`onnxprune.calibration.load_calibration`) channels are scored on activations, the budget
-    is spread by a per-group sensitivity scan, removed channels are replaced by their mean, the
-    layers after them are refitted by least squares, and a held-out part of the samples measures
-    how close the result stays to the original. Without it, weight criteria only.
-
-    ``sparsity`` > 0 then sets that share of the remaining Conv/Gemm/MatMul weights to zero
-    (smallest magnitudes, budget spread by a per-layer scan, survivors refitted: see
-    ``passes/sparsify.py``); the report's ``sparsity`` gives density, file and gzip sizes and NetScore.
-
-    Returns the smaller model (same inputs and outputs, symbolic dims kept) and a report. Raises
-    :class:`~onnxprune.errors.OnnxPruneError` subclasses for bad input.
+    Returns the smaller model (same interface) and a report; bad input raises
+    :class:`~onnxprune.errors.OnnxPruneError` subclasses. See docs/architecture.md for the stages.
     """
     start = time.perf_counter()
     target = _speed_target(ratio, speedup)
@@ -219,48 +211,22 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
     say = progress or log_progress
     prep = prepare(model, input_shapes=input_shapes, simplify=simplify, progress=say)
     prelu_note = fast_prelu(prep) if target is not None and not target.int8 else ""
-    say("analysing channel dependencies")
-    analysis = analyze_channels(prep.model, prep.shapes, exclude)
-    warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
-    if (ratio > 0 or target is not None) and not analysis.prunable_units:
-        reasons = sorted({r for g in analysis.groups for r in g.reasons})
-        raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
-
-    calib = None
-    if calibration is None:
-        warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
-    else:
-        calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
-        check_task(prep.original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
-        calib.identities = identities
+    analysis, warns = _analysed(prep, exclude, ratio > 0 or target is not None, say)
+    calib = _split(calibration, holdout, prep, task, identities, warns)
     params_in = count_params(prep.skeleton)
     mode = ("sensitivity" if calib is not None else "uniform") if allocation == "auto" else allocation
     if mode == "sensitivity" and calib is None and (ratio > 0 or target is not None):
         raise ConfigError("--allocation sensitivity needs calibration data (--calib)")
+    distill = DistillOptions(finetune_steps, task=task if task in ("detection", "embedding") else "auto",
+                             seed=seed) if finetune_steps and calib is not None else None
     ctx = StageContext(prep.model, calib, get_criterion(criterion), criterion, prep.bn_gamma, mode, round_to, min_keep,
-                       int(TOLERANCE * params_in), recover is None or recover, executor, workers, say)
+                       int(TOLERANCE * params_in), recover is None or recover, executor, workers, say, distill)
     cost = (cost_model or _cost_model(prep, target, latency_cache, say)) if target is not None else None
-    done = _run_stages(ctx, prep, analysis, ratio, params_in, target, cost, stages, finetune_steps, task, warns)
-    last = done.stages[-1]
-    if criterion in ("bn", "double") and not prep.bn_gamma and not any(
-            n.op_type == "BatchNormalization" for n in prep.model.graph):
-        warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
-                     "BN-γ is unavailable, L2 magnitude was used")
-    if last.round_to != round_to:
-        warns.append(f"--round-to {round_to} cannot reach the target on this model; used {last.round_to} "
-                     "(layers narrower than the rounding cannot shrink)")
-    pruned_ir = done.model
+    done = _run_stages(ctx, prep, analysis, ratio, params_in, target, cost, stages, task, warns)
+    warns += _stage_warnings(prep, criterion, round_to, done.stages[-1].round_to)
     plan = make_plan(prep.model, prep.input_shapes, done.keep, ("prelu-max",) if prelu_note else ())
-    if not sparsity:
-        prep.release_model()  # last use of the working model: free its weights before the output is serialised
-    record_sparse, dense_size = None, None
-    if sparsity:
-        pruned_ir, record_sparse, dense_size = _sparsify(prep, pruned_ir, sparsity, exclude, done.keep, calib, recover,
-                                                         executor, workers, say, warns)
-        prep.release_model()
-    pruned = restore_interface(ir.to_proto(pruned_ir), prep.skeleton)
-    del pruned_ir, done.model
-    release_memory()
+    pruned, record_sparse, dense_size = _output(prep, done, sparsity, exclude, calib, recover, executor, workers,
+                                                say, warns)
     say("verifying the output model")
     check = verify(prep.source.runtime_model(), pruned, prep.input_shapes)
     fidelity = calib.evaluate(prep.original, pruned, task) if calib is not None else None
@@ -269,6 +235,56 @@ def slim(model: ModelLike, ratio: float | None = None, *, speedup: float | Speed
                           mode, calib, fidelity, record_sparse, dense_size, speed, start)
     return SlimResult(pruned, report, calib.preview if calib is not None else "",
                       external_data=prep.source.external or None, fidelity=fidelity, plan=plan)
+
+
+def _analysed(prep: Prepared, exclude: Sequence[str], pruning: bool, say: Progress) -> tuple[ChannelAnalysis, list[str]]:
+    """The channel groups of the prepared model, and the warnings so far; refuses a model with nothing to prune."""
+    say("analysing channel dependencies")
+    analysis = analyze_channels(prep.model, prep.shapes, exclude)
+    warns = prep.warnings + [f"--exclude {p!r} matched no node" for p in analysis.unmatched_excludes]
+    if pruning and not analysis.prunable_units:
+        reasons = sorted({r for g in analysis.groups for r in g.reasons})
+        raise NothingToPruneError("no prunable channel in the model" + (f" ({reasons[0]})" if reasons else ""))
+    return analysis, warns
+
+
+def _split(calibration: CalibrationSet | None, holdout: float, prep: Prepared, task: str,
+           identities: tuple[np.ndarray, list[str]] | None, warns: list[str]) -> CalibrationSplit | None:
+    if calibration is None:
+        warns.append("no calibration data: channels chosen by weights only, no recovery (use --calib)")
+        return None
+    calib = CalibrationSplit.split(calibration, holdout, prep.input_shapes)
+    check_task(prep.original, calibration, task)  # before any expensive work; refuses a batch fixed above 1
+    calib.identities = identities
+    return calib
+
+
+def _stage_warnings(prep: Prepared, criterion: str, round_to: int, used_round_to: int) -> list[str]:
+    warns = []
+    if criterion in ("bn", "double") and not prep.bn_gamma and not any(
+            n.op_type == "BatchNormalization" for n in prep.model.graph):
+        warns.append(f"criterion {criterion}: the model has no BatchNormalization (folded at export?); "
+                     "BN-γ is unavailable, L2 magnitude was used")
+    if used_round_to != round_to:
+        warns.append(f"--round-to {round_to} cannot reach the target on this model; used {used_round_to} "
+                     "(layers narrower than the rounding cannot shrink)")
+    return warns
+
+
+def _output(prep: Prepared, done: "_Staged", sparsity: float, exclude: Sequence[str], calib: CalibrationSplit | None,
+            recover: bool | None, executor: TaskExecutor | None, workers: int, say: Progress, warns: list[str]
+            ) -> tuple[onnx.ModelProto, SparsifyRecord | None, tuple[int, int] | None]:
+    """The output model with the original interface (sparsified with ``sparsity``); the working model is freed."""
+    pruned_ir, record_sparse, dense_size = done.model, None, None
+    if sparsity:
+        pruned_ir, record_sparse, dense_size = _sparsify(prep, pruned_ir, sparsity, exclude, done.keep, calib, recover,
+                                                         executor, workers, say, warns)
+    prep.release_model()  # last use of the working model: free its weights before the output is serialised
+    pruned = restore_interface(ir.to_proto(pruned_ir), prep.skeleton)
+    del pruned_ir
+    done.model = None  # type: ignore[assignment]
+    release_memory()
+    return pruned, record_sparse, dense_size
 
 
 def fast_prelu(prep: Prepared) -> str:
@@ -311,14 +327,13 @@ class _Staged:
     model: ir.Model
     stages: list[Stage]
     keep: dict[str, np.ndarray]
-    finetune: dict | None = None
+    finetune: DistillRecord | None = None
     reports: list[StageReport] = field(default_factory=list)
     retarget: float | None = None  # the cost-model target of the last stage, corrected by a measurement
 
 
 def _run_stages(ctx: StageContext, prep: Prepared, analysis: ChannelAnalysis, ratio: float, params_in: int,
-                target: SpeedTarget | None, cost, n_stages: int | None, finetune_steps: int, task: str,
-                warns: list[str]) -> _Staged:
+                target: SpeedTarget | None, cost, n_stages: int | None, task: str, warns: list[str]) -> _Staged:
     """Prune in ``n_stages`` steps (None: 1 for a ratio; for a speed-up, enough that no stage buys
     more than 2x beyond what int8 and exact rewrites give unpruned); after each, refit (in the
     stage), distil, and measure held-out fidelity."""
@@ -345,9 +360,9 @@ def _run_stages(ctx: StageContext, prep: Prepared, analysis: ChannelAnalysis, ra
             stage, retarget = _measured_retry(ctx, prep, model, analysis, budget, keep, stage, target)
         stages.append(stage)
         model, keep = stage.model, stage.keep
-        steps = finetune_steps // n_stages + (k < finetune_steps % n_stages)
-        if steps and ctx.calib is not None:
-            model, finetune = _distill(ctx.calib, prep, model, steps, task, finetune, warns, ctx.say)
+        if ctx.distill is not None:
+            steps = ctx.distill.steps // n_stages + (k < ctx.distill.steps % n_stages)
+            model, finetune = _distill(ctx, prep, model, keep, steps, finetune, warns)
         if n_stages > 1:
             reports.append(_stage_report(k, n_stages, goal, reference_ms, prep, model, stage, ctx, task))
     return _Staged(model, stages, keep or {}, finetune, reports, retarget)
@@ -397,17 +412,19 @@ def _closer(best, candidate, goal: float):
     return candidate if key(candidate) < key(best) else best
 
 
-def _distill(calib: CalibrationSplit, prep: Prepared, model: ir.Model, steps: int, task: str, previous: dict | None,
-             warns: list[str], say: Progress) -> tuple[ir.Model, dict]:
+def _distill(ctx: StageContext, prep: Prepared, model: ir.Model, keep: dict[str, np.ndarray] | None, steps: int,
+             previous: DistillRecord | None, warns: list[str]) -> tuple[ir.Model, DistillRecord]:
+    """Distil on the fitting samples (augmented; outputs and feature maps of the prepared original);
+    the held-out samples keep the best weights, so a model is never handed back worse than it came."""
     from .finetune import distill
-    tuned, record = distill(prep.original, model, calib.input_name, calib.batches, steps=steps,
-                            task=task if task in ("detection", "embedding") else "auto", progress=say)
-    if previous:
-        record = {**record, "steps": previous.get("steps", 0) + record.get("steps", 0)}
-    if record.get("final_loss", 0.0) <= record.get("initial_loss", 0.0):
+    calib = ctx.calib
+    tuned, record = distill(prep.original, model, calib.input_name, calib.batches, replace(ctx.distill, steps=steps),
+                            held=calib.held, reference=ctx.reference, keep=keep, progress=ctx.say)
+    if previous is not None:
+        record = replace(record, steps=previous.steps + record.steps)
+    if record.improved():
         return tuned, record
-    # label-free distillation on few samples can overfit: never hand back a worse model
-    warns.append("distillation did not lower the loss on the calibration samples; kept the refitted model")
+    warns.append("distillation did not lower the loss on the held-out samples; kept the refitted model")
     return model, record
 
 
@@ -502,11 +519,11 @@ def _slim_report(model: ModelLike, prep: Prepared, pruned: onnx.ModelProto, done
         inexact_folds=sum(s.record.inexact_folds for s in done.stages), warnings=warns,
         seconds=time.perf_counter() - start, allocation=mode,
         calibration=calib.describe() if calib is not None else None,
-        sensitivity=_sensitivity_report(first.analysis, first.sensitivity, first.alloc) if first.sensitivity else [],
+        sensitivity=_sensitivity_report(first),
         refits=[RefitReport(f.node, f.error_before, f.error_after) for f in last.refits],
-        fidelity=fidelity.to_dict() if fidelity is not None else None,
+        fidelity=fidelity,
         fidelity_summary=fidelity.summary() if fidelity is not None else "",
-        finetune={k: v for k, v in done.finetune.items() if k != "curve"} if done.finetune else None,
+        finetune=done.finetune,
         sparsity=sparsity_report(pruned, record_sparse, fidelity, count_macs(pruned, shapes_out), dense_size=dense_size,
                                  external_data=prep.source.external or None) if record_sparse is not None else None,
         speed=speed, stages=done.reports if speed is None else [])
@@ -561,10 +578,11 @@ def check_options(ratio: float, round_to: int, min_keep: float, allocation: str,
         raise ConfigError(f"--holdout must be in [0, 1), got {holdout}")
 
 
-def _sensitivity_report(analysis: ChannelAnalysis, sensitivity: dict, alloc) -> list[dict]:
+def _sensitivity_report(stage: Stage) -> list[SensitivityReport]:
+    """The stage's sensitivity scan per group (none without one), with the channels its allocation left."""
     rows = []
-    for gid, sens in sensitivity.items():
-        before, after = alloc.per_group.get(gid, (0, 0))
-        rows.append({"group": gid, "layers": analysis.groups[gid].layers, "fractions": sens.fractions,
-                     "distortion": sens.distortion, "channels_before": before, "channels_after": after})
+    for gid, curve in (stage.sensitivity or {}).items():
+        before, after = stage.alloc.per_group.get(gid, (0, 0))
+        rows.append(SensitivityReport(gid, list(stage.analysis.groups[gid].layers), list(curve.fractions),
+                                      list(curve.distortion), before, after))
     return rows

@@ -1,51 +1,101 @@
-"""PNG charts for ``--report DIR`` (matplotlib, optional extra ``onnxprune[report]``).
+"""The report's charts, drawn once with matplotlib (a dependency of ``--report``).
 
-report.html draws its own inline SVG and needs nothing; the PNGs are for people who paste
-pictures into a pull request, a slide or a wiki. Each chart is one function taking plain data
-(report dicts, lists of rows) and a path, so other commands (``sweep``) reuse them. matplotlib is
-used through :class:`matplotlib.figure.Figure` with the Agg canvas only: no pyplot state, no
-display, safe in worker threads. Files are written atomically.
+One function per chart builds a :class:`matplotlib.figure.Figure` from plain data (report dicts,
+lists of rows), so other commands (``sweep``) reuse them. :func:`section_charts` picks the charts
+of one report section; :mod:`onnxprune.html_report` inlines each figure in report.html as SVG and
+writes the same figure beside the page as a PNG (``channels.png``, ``latency.png``, ...), for
+people who paste pictures into a pull request, a slide or a wiki.
+
+matplotlib is used through :class:`~matplotlib.figure.Figure` with the Agg canvas only: no pyplot
+state, no display. Both formats are byte-deterministic: no date, creator or library version in the
+files, and SVG ids hashed with a fixed salt (``svg.hashsalt``, set only while saving, one per chart
+so several charts inlined in one page never share an id).
 """
 
 from __future__ import annotations
 
+import html
+import io
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .graph.io import _atomic_write
-from .html_report import PALETTE
+from .errors import OnnxPruneError
+from .graph.io import write_bytes_atomic
 from .report import budget_text, dims_text, short_name
 
-MISSING_NOTE = ("matplotlib is not installed: wrote report.html (inline charts) without PNG charts; "
-                "pip install 'onnxprune[report]' for them")
+PALETTE = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#72b7b2", "#b279a2", "#ff9da6", "#9d755d")
 _PNG_META = {"Software": None}  # no library version in the file: same data, same bytes
+_SVG_META = {"Date": None, "Creator": None}
 
 
-def available() -> bool:
-    """True when matplotlib can be imported (the PNGs are skipped otherwise)."""
+@dataclass(frozen=True)
+class Chart:
+    """One chart of a report: ``name`` (its PNG is ``name.png``), the page's heading and the figure."""
+
+    name: str
+    title: str
+    figure: Any  # matplotlib.figure.Figure
+
+    def svg(self) -> str:
+        """The figure as an ``<svg>`` element to inline in HTML."""
+        return svg_text(self.figure, salt=self.name, label=self.title)
+
+    def png(self) -> bytes:
+        return png_bytes(self.figure)
+
+
+def _matplotlib():
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise OnnxPruneError(f"the report's charts need matplotlib, which cannot be imported ({exc}); "
+                             "reinstall it: pip install 'matplotlib>=3.7'") from None
+    return matplotlib, Figure, FigureCanvasAgg
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    _, Figure, FigureCanvasAgg = _matplotlib()
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", metadata=_PNG_META))
+def png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata=_PNG_META)
+    return buf.getvalue()
 
 
-def channel_bars(layers: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, max_rows: int = 60) -> Path:
+def svg_text(fig, *, salt: str = "onnxprune", label: str = "") -> str:
+    """``fig`` as one ``<svg>`` element to inline in HTML (no XML prolog or DOCTYPE), its ids unique to ``salt``."""
+    matplotlib = _matplotlib()[0]
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.hashsalt": f"onnxprune-{salt}", "svg.fonttype": "none"}):
+        fig.savefig(buf, format="svg", metadata=_SVG_META)
+    text = buf.getvalue().decode("utf-8")
+    text = text[text.index("<svg"):]
+    # inline in HTML: no RDF metadata, no xlink namespace declaration (the HTML parser knows xlink:href),
+    # so the page names no URL but the SVG namespace
+    text = re.sub(r"\s*<metadata>.*?</metadata>", "", text, count=1, flags=re.S)
+    text = text.replace(' xmlns:xlink="http://www.w3.org/1999/xlink"', "", 1)
+    text = text.replace('<g id="', f'<g id="{salt}-')  # matplotlib counts groups per file: figure_1, axes_1
+    aria = f' role="img" aria-label="{html.escape(label)}"' if label else ""
+    return text.replace("<svg", f"<svg{aria}", 1)
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG, atomically."""
+    return write_bytes_atomic(png_bytes(fig), path)
+
+
+def channel_bars(layers: Sequence[Mapping[str, Any]], *, max_rows: int = 60):
     """Channels per layer before (light) and after (dark) pruning; rows: ``{node, before, after}``.
 
     Only changed layers are drawn (all of them when none changed), at most ``max_rows``.
@@ -62,10 +112,10 @@ def channel_bars(layers: Sequence[Mapping[str, Any]], path: str | os.PathLike, *
     ax.set_xlabel("output channels")
     ax.set_title("Channels kept per layer")
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def sensitivity_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, max_curves: int = 40) -> Path:
+def sensitivity_curves(rows: Sequence[Mapping[str, Any]], *, max_curves: int = 40):
     """Output distortion vs share of a group removed, one line per group (the allocator's input).
 
     ``rows`` as in the slim report's ``sensitivity``: ``{layers, fractions, distortion}``. The
@@ -86,10 +136,10 @@ def sensitivity_curves(rows: Sequence[Mapping[str, Any]], path: str | os.PathLik
         ax.set_yscale("symlog", linthresh=1e-4)
     if rows:
         ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return fig
 
 
-def latency_bars(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+def latency_bars(rows: Sequence[Mapping[str, Any]]):
     """Median latency (with a p90 whisker) per model, grouped by provider / threads / input shape.
 
     ``rows``: bench rows (``model, provider, threads, input_shapes, median_ms, p90_ms``).
@@ -111,10 +161,10 @@ def latency_bars(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> 
     ax.set_ylabel("latency, ms (median; whisker: p90)")
     ax.set_title("Latency per provider / threads / input")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def fidelity_vs_ratio(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
+def fidelity_vs_ratio(rows: Sequence[Mapping[str, Any]]):
     """Fidelity against the share of parameters removed, one line per series.
 
     ``rows``: ``{series, ratio, fidelity}`` (e.g. one series per model × criterion of a sweep).
@@ -131,11 +181,10 @@ def fidelity_vs_ratio(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
     ax.grid(alpha=0.3)
     if series:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
-def fidelity_latency_frontier(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                              title: str = "Fidelity vs latency") -> Path:
+def fidelity_latency_frontier(rows: Sequence[Mapping[str, Any]], *, title: str = "Fidelity vs latency"):
     """Scatter of fidelity against latency ratio (compressed / original), the Pareto points joined.
 
     ``rows``: ``{label: str, fidelity: float, latency_ratio: float, pareto: bool}``; rows with a
@@ -162,10 +211,10 @@ def fidelity_latency_frontier(rows: Sequence[Mapping[str, Any]], path: str | os.
     ax.margins(0.08)
     if pts:
         ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    return fig
 
 
-def detections(image: np.ndarray, ref: np.ndarray, got: np.ndarray, path: str | os.PathLike) -> Path:
+def detections(image: np.ndarray, ref: np.ndarray, got: np.ndarray):
     """A calibration photo (H, W, C) with the original's boxes (green) and the compressed model's
     (red, dashed); boxes are ``[x1, y1, x2, y2, score]`` rows in pixels."""
     from matplotlib.patches import Rectangle
@@ -185,39 +234,24 @@ def detections(image: np.ndarray, ref: np.ndarray, got: np.ndarray, path: str | 
     ax.set_axis_off()
     ax.set_title("Detections: original (green) vs compressed (red, dashed)")
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return fig
 
 
-def write_charts(report: Any, directory: str | os.PathLike, preview: Any = None) -> list[Path] | None:
-    """Every chart that applies to ``report`` (a report object or its ``to_dict()``), as PNGs in ``directory``.
-
-    ``preview``: the detection preview of a slim/quantize result (see
-    :class:`onnxprune.html_report.DetectionPreview`); a plain string carries no image and is ignored.
-    Returns the files written, or None when matplotlib is not installed (see :data:`MISSING_NOTE`).
-    """
-    if not available():
-        return None
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report)
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    out: list[Path] = []
-    parts = [data["slim"], data["quantize"]] if data.get("kind") == "slim+int8" else [data]
-    for part in parts:
-        kind = part.get("kind")
-        if kind == "slim":
-            if part.get("layers"):
-                out.append(channel_bars(part["layers"], d / "channels.png"))
-            if part.get("sensitivity"):
-                out.append(sensitivity_curves(part["sensitivity"], d / "sensitivity.png"))
-        elif kind == "bench" and part.get("rows"):
-            out.append(latency_bars(part["rows"], d / "latency.png"))
-        elif kind == "check" and part.get("latency"):
-            out.append(latency_bars(check_latency_rows(part), d / "latency.png"))
-        elif kind == "sweep":
-            out += _sweep_charts(part, d)
-    image = getattr(preview, "image", None)
-    if image is not None:
-        out.append(detections(image, preview.ref, preview.got, d / "detections.png"))
+def section_charts(part: Mapping[str, Any]) -> list[Chart]:
+    """The charts of one report section (a ``to_dict()`` of slim, bench, check or sweep), in page order."""
+    kind = part.get("kind")
+    out: list[Chart] = []
+    if kind == "slim":
+        if part.get("layers"):
+            out.append(Chart("channels", "Channels kept per layer", channel_bars(part["layers"])))
+        if part.get("sensitivity"):
+            out.append(Chart("sensitivity", "Sensitivity scan", sensitivity_curves(part["sensitivity"])))
+    elif kind == "bench" and part.get("rows"):
+        out.append(Chart("latency", "Latency", latency_bars(part["rows"])))
+    elif kind == "check" and part.get("latency"):
+        out.append(Chart("latency", "Latency", latency_bars(check_latency_rows(part))))
+    elif kind == "sweep":
+        out += _sweep_charts(part)
     return out
 
 
@@ -234,13 +268,13 @@ def _role(role: str, name: str) -> str:
     return role if name == role else f"{role}: {short_name(name)}"
 
 
-def _sweep_charts(sweep: Mapping[str, Any], d: Path) -> list[Path]:
+def _sweep_charts(sweep: Mapping[str, Any]) -> list[Chart]:
     rows = [r for r in sweep.get("rows", []) if r.get("status", "ok") == "ok" and r.get("fidelity") is not None]
     if not rows:
         return []
     series = [{"series": f"{short_name(r['model'])} {r.get('criterion') or ''}{' int8' if r.get('int8') else ''}",
                "ratio": r.get("achieved_ratio") or r.get("ratio") or 0.0, "fidelity": r["fidelity"]} for r in rows]
-    out = [fidelity_vs_ratio(series, d / "fidelity_vs_ratio.png")]
+    out = [Chart("fidelity_vs_ratio", "Fidelity vs pruning ratio", fidelity_vs_ratio(series))]
     several = len({r["model"] for r in rows}) > 1
 
     def label(r: Mapping[str, Any]) -> str:  # short enough to read beside a point: what differs
@@ -249,7 +283,7 @@ def _sweep_charts(sweep: Mapping[str, Any], d: Path) -> list[Path]:
     points = [{"label": label(r), "fidelity": r["fidelity"],
                "latency_ratio": r.get("latency_ratio"), "pareto": bool(r.get("pareto"))} for r in rows]
     if any(p["latency_ratio"] is not None for p in points):
-        out.append(fidelity_latency_frontier(points, d / "frontier.png"))
+        out.append(Chart("frontier", "Fidelity vs latency", fidelity_latency_frontier(points)))
     return out
 
 

@@ -34,6 +34,10 @@ class LogProgress:
             logger.debug("%s: %d/%d", message, done, total)
 
 
+def quiet(message: str, done: int | None = None, total: int | None = None) -> None:
+    """Progress nobody watches."""
+
+
 def log_progress(message: str, done: int | None = None, total: int | None = None) -> None:
     """The library's default progress (no terminal output): records on the ``onnxprune`` logger."""
     _default(message, done, total)

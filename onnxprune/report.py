@@ -5,12 +5,49 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from .records import record_dict
+
+if TYPE_CHECKING:
+    from .fidelity import FidelityReport
+    from .finetune import DistillRecord
 
 SCHEMA_VERSION = 1
 IN_MEMORY = "<in-memory model>"  # the model name reports give a ModelProto passed without a path
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    """The calibration samples of a run: how many, how split, where from and how preprocessed."""
+
+    samples: int
+    fit: int  # samples the scores, scan and refit were computed on
+    held_out: int  # samples kept out to measure fidelity
+    files: list[str]  # the first three image files ("..." when there are more); empty for arrays
+    preprocess: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return record_dict(self)
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """One channel group of the sensitivity scan: the output distortion when it alone loses each share
+    of its prunable units, and the channels the allocation left it."""
+
+    group: int
+    layers: list[str]
+    fractions: list[float]
+    distortion: list[float]  # relative squared output error, summed over outputs
+    channels_before: int
+    channels_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return record_dict(self)
 
 
 @dataclass
@@ -165,7 +202,7 @@ class AnalysisReport:
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION, "kind": "analysis", **asdict(self)}
+        return {"schema": SCHEMA_VERSION, "kind": "analysis", **record_dict(self)}
 
     def summary(self, max_rows: int = 60) -> str:
         prunable = [g for g in self.groups if g.prunable]
@@ -210,12 +247,12 @@ class SlimReport:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     allocation: str = "uniform"
-    calibration: dict | None = None
-    sensitivity: list[dict] = field(default_factory=list)
+    calibration: CalibrationReport | None = None
+    sensitivity: list[SensitivityReport] = field(default_factory=list)
     refits: list[RefitReport] = field(default_factory=list)
-    fidelity: dict | None = None
+    fidelity: FidelityReport | None = None  # on the held-out samples
     fidelity_summary: str = ""
-    finetune: dict | None = None
+    finetune: DistillRecord | None = None
     sparsity: SparsityReport | None = None
     speed: SpeedReport | None = None  # --speedup
     stages: list[StageReport] = field(default_factory=list)  # --stages with --ratio
@@ -225,9 +262,7 @@ class SlimReport:
         return self.macs_after / self.macs_before if self.macs_before else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        d = {"schema": SCHEMA_VERSION, "kind": "slim", **asdict(self)}
-        d["mac_ratio"] = self.mac_ratio
-        return d
+        return {"schema": SCHEMA_VERSION, "kind": "slim", **record_dict(self), "mac_ratio": self.mac_ratio}
 
     def summary(self, max_rows: int = 40) -> str:
         changed = [l for l in self.layers if l.after != l.before]
@@ -253,17 +288,16 @@ class SlimReport:
                 lines.append(f"  ... {len(self.unprunable) - 10} more (onnxprune analyze shows all)")
         if self.folded_biases:
             lines.append(f"bias folds: {self.folded_biases} ({self.inexact_folds} exact only away from padded borders)")
-        if self.calibration:
+        if self.calibration is not None:
             c = self.calibration
-            lines.append(f"calibration: {c['fit']} samples to fit, {c['held_out']} held out; allocation {self.allocation}")
-            lines += [f"  note: {n}" for n in c.get("notes", [])]
+            lines.append(f"calibration: {c.fit} samples to fit, {c.held_out} held out; allocation {self.allocation}")
+            lines += [f"  note: {n}" for n in c.notes]
         if self.refits:
             before = sum(r.error_before for r in self.refits) / len(self.refits)
             after = sum(r.error_after for r in self.refits) / len(self.refits)
             lines.append(f"refitted {len(self.refits)} layers: mean relative output error {before:.3f} -> {after:.3f}")
         if self.finetune:
-            f = self.finetune
-            lines.append(f"distilled {f.get('steps')} steps: loss {f.get('initial_loss', 0):.4f} -> {f.get('final_loss', 0):.4f}")
+            lines.append(self.finetune.summary())
         if self.sparsity is not None:
             lines += self.sparsity.summary_lines()
         if self.speed is not None:
@@ -326,10 +360,7 @@ class CombinedReport:
         self.quantize.output = value
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema": SCHEMA_VERSION, "kind": "slim+int8", "slim": self.slim.to_dict(),
-                "quantize": self.quantize.to_dict(),
-                "fidelity": self.fidelity.to_dict() if self.fidelity is not None else None,
-                "sparsity": asdict(self.sparsity) if self.sparsity is not None else None}
+        return {"schema": SCHEMA_VERSION, "kind": "slim+int8", **record_dict(self)}  # each part by its to_dict
 
     def summary(self) -> str:
         text = self.slim.summary() + "\n\n" + self.quantize.summary()

@@ -27,8 +27,11 @@ from .passes import remove_channels
 DEFAULT_FRACTIONS = (0.25, 0.5, 0.75)
 
 
-@dataclass
+@dataclass(frozen=True)
 class GroupSensitivity:
+    """One group's scanned curve: output distortion against the share of its units removed.
+    :func:`scan` returns one per scanned group (group id -> curve); the allocator prices steps on it."""
+
     group: int
     fractions: list[float]  # share of the group's prunable units removed (0 included)
     distortion: list[float]  # relative squared output error, summed over outputs

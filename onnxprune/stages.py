@@ -18,6 +18,7 @@ from .allocation import Allocation, allocate
 from .budget.speed import CostModel, LatencyCounter
 from .calibration.activations import consumer_moments
 from .calibration.split import CalibrationSplit
+from .finetune import DistillOptions
 from .channels.analysis import ChannelAnalysis
 from .executors import TaskExecutor
 from .passes import remove_channels
@@ -25,7 +26,7 @@ from .passes.reconstruct import LayerFit, reconstruct
 from .passes.remove_channels import RemovalRecord
 from .progress import Progress
 from .saliency.criteria import ScoreContext
-from .sensitivity import scan
+from .sensitivity import GroupSensitivity, scan
 
 Scorer = Callable[[ScoreContext], dict[int, float]]
 
@@ -47,6 +48,7 @@ class StageContext:
     executor: TaskExecutor | None
     workers: int
     say: Progress
+    distill: DistillOptions | None = None  # --finetune-steps: distillation after each stage (steps: the total)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class Stage:
     record: RemovalRecord
     round_to: int
     means: dict[str, np.ndarray] | None
-    sensitivity: dict | None = None
+    sensitivity: dict[int, GroupSensitivity] | None = None  # the scan's curve per group (--allocation sensitivity)
     refits: list[LayerFit] = field(default_factory=list)
     predicted_ms: float | None = None  # latency budgets: the cost model's prediction after this stage
     keep: dict[str, np.ndarray] = field(default_factory=dict)  # per layer: original outputs still present
@@ -160,7 +162,8 @@ def compose_keep(before: dict[str, np.ndarray] | None, now: dict[str, np.ndarray
 
 
 def allocate_rounded(analysis: ChannelAnalysis, scores: dict[int, float], target: int, round_to: int,
-                     min_keep: float, tolerance: int, sensitivity: dict | None = None) -> tuple[Allocation, int]:
+                     min_keep: float, tolerance: int, sensitivity: dict[int, GroupSensitivity] | None = None
+                     ) -> tuple[Allocation, int]:
     """Allocate at ``round_to``, halving it only if the target is out of reach at that granularity.
 
     Speed prefers coarse widths, but the ratio is the user's contract: small models (MTCNN's

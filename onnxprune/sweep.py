@@ -24,7 +24,7 @@ import itertools
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -42,7 +42,7 @@ from .graph.runtime import session
 from .graph.shapes import Shape
 from .pipeline import DEFAULT_ROUND_TO
 from .progress import Progress, log_progress
-from .report import SCHEMA_VERSION, _finite, budget_text
+from .report import SCHEMA_VERSION, _finite, budget_text, record_dict
 from .saliency.criteria import DESCRIPTIONS
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return {"schema": SCHEMA_VERSION, "version": __version__, "kind": "sweep", "executor": self.executor, "workers": self.workers,
                 "outdir": self.outdir, "seconds": self.seconds, "notes": self.notes,
-                "rows": [asdict(r) for r in self.rows]}
+                "rows": record_dict(self.rows)}
 
     def to_csv(self) -> str:
         buf = io.StringIO()
@@ -206,7 +206,7 @@ class SweepResult:
         w = csv.DictWriter(buf, fieldnames=names, lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         for r in self.rows:
-            w.writerow(asdict(r))
+            w.writerow(record_dict(r))
         return buf.getvalue()
 
     def summary(self) -> str:
@@ -308,9 +308,32 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
         (out / "points").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    inputs, hashes = _sweep_inputs(models, calibration, options)
+    job = _Sweep(out, plan(hashes, options), inputs)
+    todo_compute, todo_time = job.resume()
+    own = executor is None
+    pool = executor or LocalExecutor()
+    notes = ["int8 points: LeakyRelu/PRelu after int8 convs made ReLU where nearly ReLU (--relu)"] if options.relu else []
+    try:
+        todo_time += job.compress(pool, todo_compute, say)
+        job.time_points(pool, sorted(todo_time), say)
+    finally:
+        if own:
+            pool.close()
+    job.finish()
+    result = SweepResult(job.rows, pool.name, pool.workers, str(out), time.perf_counter() - start, notes)
+    write_text_atomic(json.dumps(result.to_dict(), indent=2, sort_keys=True), out / "sweep.json")
+    write_text_atomic(result.to_csv(), out / "sweep.csv")
+    return result
+
+
+def _sweep_inputs(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[CalibrationSet],
+                  options: SweepOptions) -> tuple[SweepInputs, dict[str, str]]:
+    """Every model read once (one clear error for a bad one, before any job runs) with its calibration
+    set, keyed by content hash; and model name -> hash."""
     blobs: dict[str, bytes] = {}
     for m in models:
-        proto = load_proto(m)  # one clear error for a bad model, before any job runs
+        proto = load_proto(m)
         name = Path(m).name
         if name in blobs:
             raise ConfigError(f"two models named {name}; rename one")
@@ -319,65 +342,76 @@ def sweep(models: Sequence[str | Path], calibration: CalibrationSet | Sequence[C
     if len(sets) != len(models):
         raise ConfigError(f"{len(models)} models but {len(sets)} calibration sets")
     hashes = {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()}
-    points = plan(hashes, options)
-    inputs = SweepInputs({hashes[n]: b for n, b in blobs.items()}, dict(zip(hashes.values(), sets)), options)
-    calib_hash = {h: _calibration_hash(c) for h, c in inputs.calibration.items()}
-    keys = [p.key(options, calib_hash[p.model_hash]) for p in points]
-    rows = [SweepRow(p.model, p.ratio, p.criterion or "default", p.int8, k, p.speedup) for p, k in zip(points, keys)]
+    return SweepInputs({hashes[n]: b for n, b in blobs.items()}, dict(zip(hashes.values(), sets)), options), hashes
 
-    todo_compute, todo_time = [], []
-    for i, (p, k) in enumerate(zip(points, keys)):
-        state = _load_state(out / "points" / k)
-        if state.get("point"):
-            _fill(rows[i], state["point"])
-            rows[i].cached = True
-        elif state.get("compute"):
-            _fill(rows[i], state["compute"])
-            rows[i].cached = True
-            todo_time.append(i)
-        else:
-            todo_compute.append(i)
 
-    own = executor is None
-    pool = executor or LocalExecutor()
-    notes = ["int8 points: LeakyRelu/PRelu after int8 convs made ReLU where nearly ReLU (--relu)"] if options.relu else []
-    try:
+class _Sweep:
+    """One sweep's points, their content keys and result rows, and the folder they are kept in."""
+
+    def __init__(self, out: Path, points: list[Point], inputs: SweepInputs) -> None:
+        self.out, self.points, self.inputs = out, points, inputs
+        calib_hash = {h: _calibration_hash(c) for h, c in inputs.calibration.items()}
+        self.keys = [p.key(inputs.options, calib_hash[p.model_hash]) for p in points]
+        self.rows = [SweepRow(p.model, p.ratio, p.criterion or "default", p.int8, k, p.speedup)
+                     for p, k in zip(points, self.keys)]
+
+    def folder(self, i: int) -> Path:
+        return self.out / "points" / self.keys[i]
+
+    def resume(self) -> tuple[list[int], list[int]]:
+        """Rows filled from what earlier runs completed; returns the points still to compute and to time."""
+        todo_compute, todo_time = [], []
+        for i in range(len(self.points)):
+            state = _load_state(self.folder(i))
+            if state.get("point"):
+                _fill(self.rows[i], state["point"])
+                self.rows[i].cached = True
+            elif state.get("compute"):
+                _fill(self.rows[i], state["compute"])
+                self.rows[i].cached = True
+                todo_time.append(i)
+            else:
+                todo_compute.append(i)
+        return todo_compute, todo_time
+
+    def compress(self, pool: TaskExecutor, todo: list[int], say: Progress) -> list[int]:
+        """Compress the ``todo`` points on ``pool``, storing each as it arrives; returns those to time."""
         stage = f"compressing on {pool.name} ({pool.workers} workers)"
-        if todo_compute:
-            say(stage, 0, len(todo_compute))
-        for n, o in enumerate(pool.imap(compute_point, [points[i] for i in todo_compute], inputs), 1):
-            i = todo_compute[o.index]
-            say(stage, n, len(todo_compute))
+        if todo:
+            say(stage, 0, len(todo))
+        done = []
+        for n, o in enumerate(pool.imap(compute_point, [self.points[i] for i in todo], self.inputs), 1):
+            i = todo[o.index]
+            say(stage, n, len(todo))
             if not o.ok:  # reported in the result (SweepResult.failures), not as a warning besides it
-                log.info("sweep point %s failed: %s", points[i].label, o.error)
-                rows[i].status, rows[i].error = "failed", o.error
+                log.info("sweep point %s failed: %s", self.points[i].label, o.error)
+                self.rows[i].status, self.rows[i].error = "failed", o.error
                 continue
-            _store_compute(out / "points" / keys[i], o.value, points[i])
-            _fill(rows[i], {k: v for k, v in o.value.items() if k != "model_bytes"})
-            rows[i].output = str(out / "points" / keys[i] / "model.onnx")
-            todo_time.append(i)
-        todo_time.sort()
-        timed = pool.timing(time_point, [(points[i].model_hash, rows[i].output or
-                                          str(out / "points" / keys[i] / "model.onnx")) for i in todo_time], inputs,
+            _store_compute(self.folder(i), o.value, self.points[i])
+            _fill(self.rows[i], {k: v for k, v in o.value.items() if k != "model_bytes"})
+            self.rows[i].output = str(self.folder(i) / "model.onnx")
+            done.append(i)
+        return done
+
+    def time_points(self, pool: TaskExecutor, todo: list[int], say: Progress) -> None:
+        """Time the ``todo`` points one at a time (``pool.timing``), storing each complete point."""
+        timed = pool.timing(time_point, [(self.points[i].model_hash, self.rows[i].output or
+                                          str(self.folder(i) / "model.onnx")) for i in todo], self.inputs,
                             progress=lambda d, n: say("timing, one point at a time", d, n))
-        for i, o in zip(todo_time, timed):
+        for i, o in zip(todo, timed):
             if not o.ok:
-                log.info("sweep point %s failed: timing: %s", points[i].label, o.error)
-                rows[i].status, rows[i].error = "failed", f"{_TIMING}{o.error}"
+                log.info("sweep point %s failed: timing: %s", self.points[i].label, o.error)
+                self.rows[i].status, self.rows[i].error = "failed", f"{_TIMING}{o.error}"
                 continue
-            _fill(rows[i], o.value)
-            _store_point(out / "points" / keys[i], rows[i])
-    finally:
-        if own:
-            pool.close()
-    for r, k in zip(rows, keys):
-        if r.status == "ok":
-            r.output = str(out / "points" / k / "model.onnx")
-    mark_pareto(rows)
-    result = SweepResult(rows, pool.name, pool.workers, str(out), time.perf_counter() - start, notes)
-    write_text_atomic(json.dumps(result.to_dict(), indent=2, sort_keys=True), out / "sweep.json")
-    write_text_atomic(result.to_csv(), out / "sweep.csv")
-    return result
+            _fill(self.rows[i], o.value)
+            _store_point(self.folder(i), self.rows[i])
+
+    def finish(self) -> None:
+        """Every complete point's model path set, and the frontier marked."""
+        for i, r in enumerate(self.rows):
+            if r.status == "ok":
+                r.output = str(self.folder(i) / "model.onnx")
+        mark_pareto(self.rows)
 
 
 def mark_pareto(rows: Sequence[SweepRow]) -> None:
@@ -424,10 +458,10 @@ def _store_compute(folder: Path, value: Mapping[str, Any], point: Point) -> None
     data = value["model_bytes"]
     write_bytes_atomic(data, folder / "model.onnx")
     record = {k: v for k, v in value.items() if k != "model_bytes"}
-    record.update(model_sha256=hashlib.sha256(data).hexdigest(), point=asdict(point))
+    record.update(model_sha256=hashlib.sha256(data).hexdigest(), point=record_dict(point))
     write_text_atomic(json.dumps(record, indent=2, sort_keys=True), folder / "compute.json")
 
 
 def _store_point(folder: Path, row: SweepRow) -> None:
-    write_text_atomic(json.dumps({k: v for k, v in asdict(row).items() if k not in ("cached", "pareto")},
+    write_text_atomic(json.dumps({k: v for k, v in record_dict(row).items() if k not in ("cached", "pareto")},
                                  indent=2, sort_keys=True), folder / "point.json")

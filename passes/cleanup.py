@@ -23,41 +23,56 @@ from onnx_ir.passes.common import (
     TopologicalSortPass,
 )
 
+from .checks import CheckedPass
 
-@dataclass
+
+@dataclass(frozen=True)
 class CleanupRecord:
     identity_removed: int = 0
     constants_lifted: int = 0
-    passes: list[str] = field(default_factory=list)
+    passes: list[str] = field(default_factory=list)  # the onnx-ir passes that changed the graph, in order
+
+
+@dataclass
+class CleanupResult(ir.passes.PassResult):
+    record: CleanupRecord = field(default_factory=CleanupRecord)
+
+
+class Cleanup(CheckedPass, ir.passes.FunctionalPass):
+    """Canonical form for the channel analysis (see the module doc); the input model is not modified."""
+
+    def call(self, model: ir.Model) -> CleanupResult:
+        model = model.clone()  # nodes and values copied; tensors shared (passes replace them, never edit them)
+        ran = []
+        before_identity = _count(model, "Identity")
+        before_const = _count(model, "Constant")
+        passes = [
+            InlinePass(),  # model-local functions (exported modules kept whole) become plain, prunable nodes
+            RemoveUnusedFunctionsPass(),
+            NameFixPass(),
+            LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+            IdentityEliminationPass(),
+            RemoveUnusedNodesPass(),
+            TopologicalSortPass(),
+        ]
+        if model.ir_version >= 4:
+            # Since IR v4 initializers need not be inputs; exporters that still list them make
+            # weights look like runtime inputs, which would hide them from the analysis.
+            passes.insert(1, RemoveInitializersFromInputsPass())
+        for p in passes:
+            result = p(model)
+            model = result.model
+            if result.modified:
+                ran.append(type(p).__name__)
+        record = CleanupRecord(before_identity - _count(model, "Identity"), before_const - _count(model, "Constant"),
+                               ran)
+        return CleanupResult(model, bool(ran), record)
 
 
 def cleanup(model: ir.Model) -> tuple[ir.Model, CleanupRecord]:
-    """Return a cleaned copy of ``model`` and what changed."""
-    model = model.clone()  # nodes and values copied; tensors shared (passes replace them, never edit them)
-    record = CleanupRecord()
-    before_identity = _count(model, "Identity")
-    before_const = _count(model, "Constant")
-    passes = [
-        InlinePass(),  # model-local functions (exported modules kept whole) become plain, prunable nodes
-        RemoveUnusedFunctionsPass(),
-        NameFixPass(),
-        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        IdentityEliminationPass(),
-        RemoveUnusedNodesPass(),
-        TopologicalSortPass(),
-    ]
-    if model.ir_version >= 4:
-        # Since IR v4 initializers need not be inputs; exporters that still list them make
-        # weights look like runtime inputs, which would hide them from the analysis.
-        passes.insert(1, RemoveInitializersFromInputsPass())
-    for p in passes:
-        result = p(model)
-        model = result.model
-        if result.modified:
-            record.passes.append(type(p).__name__)
-    record.identity_removed = before_identity - _count(model, "Identity")
-    record.constants_lifted = before_const - _count(model, "Constant")
-    return model, record
+    """Return a cleaned copy of ``model`` and what changed (:class:`Cleanup`)."""
+    result = Cleanup()(model)
+    return result.model, result.record
 
 
 def _count(model: ir.Model, op_type: str) -> int:

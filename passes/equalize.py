@@ -15,13 +15,20 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from .checks import CheckedPass
+
 HOMOGENEOUS = {"Relu", "PRelu", "LeakyRelu"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class EqualizeRecord:
-    pairs: list[tuple[str, str]] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)  # (A, B) conv nodes rescaled between
     rounds: int = 0
+
+
+@dataclass
+class EqualizeResult(ir.passes.PassResult):
+    record: EqualizeRecord = field(default_factory=EqualizeRecord)
 
 
 def _single_use(value: ir.Value) -> ir.Node | None:
@@ -63,33 +70,50 @@ def _const(node: ir.Node, i: int) -> bool:
     return v is not None and v.const_value is not None and len(v.uses()) == 1
 
 
+class Equalize(CheckedPass, ir.passes.FunctionalPass):
+    """Equalise channel ranges across every eligible conv pair, ``rounds`` times; the input model is not modified."""
+
+    def __init__(self, rounds: int = 4, *, check: bool | None = None) -> None:
+        super().__init__()
+        self.rounds = rounds
+        self.check = check
+
+    def call(self, model: ir.Model) -> EqualizeResult:
+        model = model.clone()  # tensors shared: this pass replaces them, never edits them
+        pairs = _pairs(model)
+        rounds = self.rounds if pairs else 0
+        for _ in range(rounds):
+            for a, b in pairs:
+                _equalize_pair(a, b)
+        record = EqualizeRecord([(a.name or "", b.name or "") for a, b in pairs], max(rounds, 0))
+        return EqualizeResult(model, record.rounds > 0, record)
+
+
 def equalize(model: ir.Model, rounds: int = 4) -> tuple[ir.Model, EqualizeRecord]:
-    """Return a copy of ``model`` with channel ranges equalised across every eligible pair."""
-    model = model.clone()  # tensors shared: this pass replaces them, never edits them
-    record = EqualizeRecord()
-    pairs = _pairs(model)
-    record.pairs = [(a.name or "", b.name or "") for a, b in pairs]
-    for _ in range(rounds if pairs else 0):
-        for a, b in pairs:
-            wa = a.inputs[1].const_value.numpy().astype(np.float64)
-            wb = b.inputs[1].const_value.numpy().astype(np.float64)
-            depthwise = b.attributes.get_int("group", 1) > 1
-            ra = np.abs(wa).reshape(wa.shape[0], -1).max(axis=1)
-            rb = (np.abs(wb).reshape(wb.shape[0], -1).max(axis=1) if depthwise
-                  else np.abs(np.moveaxis(wb, 1, 0)).reshape(wb.shape[1], -1).max(axis=1))
-            ok = (ra > 1e-12) & (rb > 1e-12)
-            s = np.ones_like(ra)
-            s[ok] = np.sqrt(ra[ok] / rb[ok])
-            shape_a = (-1,) + (1,) * (wa.ndim - 1)
-            _set(a.inputs[1], wa / s.reshape(shape_a))
-            if len(a.inputs) > 2 and a.inputs[2] is not None and a.inputs[2].const_value is not None:
-                _set(a.inputs[2], a.inputs[2].const_value.numpy().astype(np.float64) / s)
-            if depthwise:
-                _set(b.inputs[1], wb * s.reshape(shape_a))
-            else:
-                _set(b.inputs[1], wb * s.reshape(1, -1, *([1] * (wb.ndim - 2))))
-        record.rounds += 1
-    return model, record
+    """Return a copy of ``model`` with channel ranges equalised across every eligible pair (:class:`Equalize`)."""
+    result = Equalize(rounds)(model)
+    return result.model, result.record
+
+
+def _equalize_pair(a: ir.Node, b: ir.Node) -> None:
+    """One round on the pair (A, B): s = sqrt(r_A / r_B) per channel, A's channel divided by s, B's input multiplied."""
+    wa = a.inputs[1].const_value.numpy().astype(np.float64)
+    wb = b.inputs[1].const_value.numpy().astype(np.float64)
+    depthwise = b.attributes.get_int("group", 1) > 1
+    ra = np.abs(wa).reshape(wa.shape[0], -1).max(axis=1)
+    rb = (np.abs(wb).reshape(wb.shape[0], -1).max(axis=1) if depthwise
+          else np.abs(np.moveaxis(wb, 1, 0)).reshape(wb.shape[1], -1).max(axis=1))
+    ok = (ra > 1e-12) & (rb > 1e-12)
+    s = np.ones_like(ra)
+    s[ok] = np.sqrt(ra[ok] / rb[ok])
+    shape_a = (-1,) + (1,) * (wa.ndim - 1)
+    _set(a.inputs[1], wa / s.reshape(shape_a))
+    if len(a.inputs) > 2 and a.inputs[2] is not None and a.inputs[2].const_value is not None:
+        _set(a.inputs[2], a.inputs[2].const_value.numpy().astype(np.float64) / s)
+    if depthwise:
+        _set(b.inputs[1], wb * s.reshape(shape_a))
+    else:
+        _set(b.inputs[1], wb * s.reshape(1, -1, *([1] * (wb.ndim - 2))))
 
 
 def _set(value: ir.Value, arr: np.ndarray) -> None:

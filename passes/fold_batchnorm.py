@@ -13,52 +13,73 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from .checks import CheckedPass
 
-@dataclass
+
+@dataclass(frozen=True)
 class FoldRecord:
     folded: list[tuple[str, str]] = field(default_factory=list)  # (conv node, bn node)
     gamma: dict[str, np.ndarray] = field(default_factory=dict)  # conv node name -> BN γ per output channel
 
 
+@dataclass
+class FoldResult(ir.passes.PassResult):
+    record: FoldRecord = field(default_factory=FoldRecord)
+
+
+class FoldBatchNorm(CheckedPass, ir.passes.FunctionalPass):
+    """Merge every foldable Conv→BatchNormalization pair; the input model is not modified."""
+
+    def call(self, model: ir.Model) -> FoldResult:
+        model = model.clone()  # nodes and values copied; tensors shared (passes replace them, never edit them)
+        record = FoldRecord()  # its list and dict are filled here, then never again
+        graph = model.graph
+        for bn in list(graph):
+            if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+                continue
+            conv = _foldable_conv(bn)
+            if conv is None:
+                continue
+            gamma = _fold(graph, conv, bn)
+            record.folded.append((conv.name or "", bn.name or ""))
+            record.gamma[conv.name or ""] = gamma.astype(np.float32)
+        if record.folded:
+            model = RemoveUnusedNodesPass()(model).model  # drops the replaced weights and BN statistics
+        return FoldResult(model, bool(record.folded), record)
+
+
 def fold_batchnorm(model: ir.Model) -> tuple[ir.Model, FoldRecord]:
-    """Return a copy of ``model`` with every foldable Conv→BatchNormalization pair merged."""
-    model = model.clone()  # nodes and values copied; tensors shared (passes replace them, never edit them)
-    record = FoldRecord()
-    graph = model.graph
-    for bn in list(graph):
-        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
-            continue
-        conv = _foldable_conv(bn)
-        if conv is None:
-            continue
-        w = conv.inputs[1].const_value.numpy().astype(np.float64)
-        b = conv.inputs[2].const_value.numpy().astype(np.float64) if _has(conv, 2) else np.zeros(w.shape[0])
-        gamma, beta, mean, var = (bn.inputs[i].const_value.numpy().astype(np.float64) for i in range(1, 5))
-        eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
-        scale = gamma / np.sqrt(var + eps)
-        dtype = conv.inputs[1].const_value.numpy().dtype
-        new_w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype)
-        new_b = ((b - mean) * scale + beta).astype(dtype)
-        w_val = _initializer(graph, f"{conv.name}.weight_bnfold", new_w)
-        b_val = _initializer(graph, f"{conv.name}.bias_bnfold", new_b)
-        old_weights = [conv.inputs[1], conv.inputs[2] if _has(conv, 2) else None]
-        if len(conv.inputs) < 3:
-            conv.resize_inputs(3)
-        conv.replace_input_with(1, w_val)
-        conv.replace_input_with(2, b_val)
-        for v in old_weights:  # unmap what was read: on a big model, mapped and folded weights would double RSS
-            if v is not None and isinstance(v.const_value, ir.ExternalTensor):
-                v.const_value.release()  # safe: an external tensor maps its file again if read again
-        conv_out, bn_out = conv.outputs[0], bn.outputs[0]
-        name = bn_out.name
-        bn_out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
-        graph.remove(bn, safe=True)
-        conv_out.name = name
-        record.folded.append((conv.name or "", bn.name or ""))
-        record.gamma[conv.name or ""] = gamma.astype(np.float32)
-    if record.folded:
-        model = RemoveUnusedNodesPass()(model).model  # drops the replaced weights and BN statistics
-    return model, record
+    """Return a copy of ``model`` with every foldable Conv→BatchNormalization pair merged (:class:`FoldBatchNorm`)."""
+    result = FoldBatchNorm()(model)
+    return result.model, result.record
+
+
+def _fold(graph: ir.Graph, conv: ir.Node, bn: ir.Node) -> np.ndarray:
+    """Fold ``bn`` into ``conv`` (new weight and bias initializers, ``bn`` removed); γ, in float64."""
+    w = conv.inputs[1].const_value.numpy().astype(np.float64)
+    b = conv.inputs[2].const_value.numpy().astype(np.float64) if _has(conv, 2) else np.zeros(w.shape[0])
+    gamma, beta, mean, var = (bn.inputs[i].const_value.numpy().astype(np.float64) for i in range(1, 5))
+    eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+    scale = gamma / np.sqrt(var + eps)
+    dtype = conv.inputs[1].const_value.numpy().dtype
+    new_w = (w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(dtype)
+    new_b = ((b - mean) * scale + beta).astype(dtype)
+    w_val = _initializer(graph, f"{conv.name}.weight_bnfold", new_w)
+    b_val = _initializer(graph, f"{conv.name}.bias_bnfold", new_b)
+    old_weights = [conv.inputs[1], conv.inputs[2] if _has(conv, 2) else None]
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    conv.replace_input_with(1, w_val)
+    conv.replace_input_with(2, b_val)
+    for v in old_weights:  # unmap what was read: on a big model, mapped and folded weights would double RSS
+        if v is not None and isinstance(v.const_value, ir.ExternalTensor):
+            v.const_value.release()  # safe: an external tensor maps its file again if read again
+    conv_out, bn_out = conv.outputs[0], bn.outputs[0]
+    name = bn_out.name
+    bn_out.replace_all_uses_with(conv_out, replace_graph_outputs=True)
+    graph.remove(bn, safe=True)
+    conv_out.name = name
+    return gamma
 
 
 def _has(node: ir.Node, i: int) -> bool:

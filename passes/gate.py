@@ -153,12 +153,25 @@ class GatePass(ir.passes.InPlacePass):
         shapes = list(spec.output_shapes) or [_concrete(v.shape) for v in outputs]
         last = [ir.val(LAST + v.name, v.dtype, s) for v, s in zip(outputs, shapes)]
 
-        # the head becomes the then-branch; outputs are renamed there, the If outputs take the names
+        then_graph, names = self._then_branch(graph, prefix, head, outputs)
+        kept = [ir.node("Identity", [s], name=f"gate.keep.{n}", outputs=[ir.val(f"{n}.kept", s.dtype)])
+                for s, n in zip(last, names)]
+        else_graph = ir.Graph([], [k.outputs[0] for k in kept], nodes=kept, name="skip")
+        results = [ir.val(n, v.dtype, s) for n, v, s in zip(names, outputs, shapes)]
+        state = self._gate(graph, split, background, skipped, results, then_graph, else_graph)
+        graph.inputs.extend([background, skipped, *last])
+        graph.outputs.extend([*results, *state])
+        return ir.passes.PassResult(model, modified=True)
+
+    def _then_branch(self, graph: ir.Graph, prefix: list[ir.Node], head: list[ir.Node], outputs: list[ir.Value]
+                     ) -> tuple[ir.Graph, list[str]]:
+        """The head as the If's then-branch (outputs renamed there: the If outputs take the names),
+        with the initializers only it reads; returns it and the output names."""
         keep = set(prefix) | set(head)
         graph.remove([n for n in graph if n not in keep], safe=False)  # dead nodes: nothing reads them
         graph.remove(head, safe=False)
         graph.outputs.clear()
-        clones, copies = self._clone_prefix(prefix, head) if spec.recompute else ([], [])
+        clones, copies = self._clone_prefix(prefix, head) if self.spec.recompute else ([], [])
         then_nodes, then_outputs = clones + list(head), []
         in_head = set(head)
         for v in outputs:
@@ -177,20 +190,21 @@ class GatePass(ir.passes.InPlacePass):
                 graph.initializers.pop(init.name)
                 then_graph.register_initializer(init)
                 self.record.moved_initializers += 1
-        kept = [ir.node("Identity", [s], name=f"gate.keep.{n}", outputs=[ir.val(f"{n}.kept", s.dtype)])
-                for s, n in zip(last, names)]
-        else_graph = ir.Graph([], [k.outputs[0] for k in kept], nodes=kept, name="skip")
+        return then_graph, names
 
+    def _gate(self, graph: ir.Graph, split: ir.Value, background: ir.Value, skipped: ir.Value,
+              results: list[ir.Value], then_graph: ir.Graph, else_graph: ir.Graph) -> list[ir.Value]:
+        """The score, the If producing ``results``, and the next state; returns the state outputs."""
+        spec = self.spec
         tape = ir.tape.Tape(graph)
         score, residual_, pooled = self._score(tape, split, background)
         open_ = self._open(tape, score, skipped)
-        results = [ir.val(n, v.dtype, s) for n, v, s in zip(names, outputs, shapes)]
         tape.op_multi_out("If", [open_], {"then_branch": then_graph, "else_branch": else_graph}, name="gate.if",
                           outputs=results)
         rate = tape.initializer(ir.tensor(np.array(spec.rate, np.float32)), name="gate.rate")
         moved = tape.op("Add", [background, tape.op("Mul", [residual_, rate])], name="gate.update")
         next_bg = tape.op("Where", [open_, pooled, moved], name="gate.background.select",
-                          output=ir.val(BACKGROUND + NEXT, ir.DataType.FLOAT, bg_shape))
+                          output=ir.val(BACKGROUND + NEXT, ir.DataType.FLOAT, spec.background_shape))
         zero = tape.initializer(ir.tensor(np.zeros(1, np.int64)), name="gate.zero")
         one = tape.initializer(ir.tensor(np.ones(1, np.int64)), name="gate.one")
         count = tape.op("Add", [skipped, one], name="gate.count")
@@ -198,10 +212,7 @@ class GatePass(ir.passes.InPlacePass):
                             output=ir.val(SKIPPED + NEXT, ir.DataType.INT64, [1]))
         ran = tape.op("Identity", [open_], name="gate.ran_head", output=ir.val(RAN_HEAD, ir.DataType.BOOL, [1]))
         score_out = tape.op("Identity", [score], name="gate.score.out", output=ir.val(SCORE, ir.DataType.FLOAT, [1]))
-
-        graph.inputs.extend([background, skipped, *last])
-        graph.outputs.extend([*results, next_bg, next_skip, ran, score_out])
-        return ir.passes.PassResult(model, modified=True)
+        return [next_bg, next_skip, ran, score_out]
 
     def _clone_prefix(self, prefix: list[ir.Node], head: list[ir.Node]) -> tuple[list[ir.Node], list[ir.Value]]:
         """Copies of the prefix nodes and of their weights for the then-branch; the head reads the copies.

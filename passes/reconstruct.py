@@ -14,26 +14,31 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterable, Mapping
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ..graph.runtime import pieces, session
 from ..graph.interface import exposing
 from ..channels.analysis import ChannelAnalysis
+from .checks import CheckedPass, shapes_of
+from .rows import input_rows, up_to
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerFit:
     node: str
     error_before: float  # relative squared error of the layer output on the calibration rows
     error_after: float
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReconstructRecord:
-    layers: list[LayerFit] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
+    layers: list[LayerFit] = field(default_factory=list)  # filled while the pass runs, then never again
+    skipped: list[str] = field(default_factory=list)  # "node: why"
+
+
+@dataclass
+class ReconstructResult(ir.passes.PassResult):
+    record: ReconstructRecord = field(default_factory=ReconstructRecord)
 
 
 @dataclass
@@ -52,34 +57,62 @@ class _Target:
     rows: int = 0
 
 
+class Reconstruct(CheckedPass, ir.passes.FunctionalPass):
+    """Refit the consumers of removed channels in the pruned model the pass runs on, against ``original``.
+
+    The configuration is the data: ``original`` (the reference the layers are refitted to), ``analysis``
+    and ``removed`` (which channels the pruned model lost), and calibration ``batches`` for ``input_name``
+    (an iterable read once per run). ``changed`` names activations whose values differ from
+    ``original``'s without losing channels (e.g. a LeakyReLU replaced by ReLU): the first weighted
+    layers reading them are refitted too. Without ``analysis`` (nothing removed), output channels map
+    one to one, unless ``keep_out`` says, per layer, which of the original's outputs the pruned model
+    still has (several removals apart). The pruned model is not modified.
+    """
+
+    def __init__(self, original: ir.Model, analysis: ChannelAnalysis | None, removed: set[int], input_name: str,
+                 batches: Iterable[np.ndarray], *, changed: Collection[str] = (), ridge: float = 1e-3,
+                 rows_per_image: int = 256, seed: int = 0, min_rows_per_unknown: float = 4.0,
+                 keep_out: Mapping[str, np.ndarray] | None = None, check: bool | None = None) -> None:
+        super().__init__()
+        self.original, self.analysis, self.removed = original, analysis, removed
+        self.input_name, self.batches = input_name, batches
+        self.changed, self.keep_out = changed, keep_out
+        self.ridge, self.rows_per_image, self.seed = ridge, rows_per_image, seed
+        self.min_rows_per_unknown = min_rows_per_unknown
+        self.check = check
+        self.check_shapes = shapes_of(input_name, batches)
+
+    def call(self, model: ir.Model) -> ReconstructResult:
+        original, input_name = self.original, self.input_name
+        pruned = model.clone()  # tensors shared: refits replace them, never edit them
+        record = ReconstructRecord()
+        targets = _targets(original, pruned, self.analysis, self.removed, record, _reached(pruned, self.changed),
+                           self.keep_out or {})
+        if not targets:
+            return ReconstructResult(pruned, False, record)
+        feeds = pieces(original, list(self.batches), input_name)
+        # The original's outputs do not change: one pass samples every target's rows (and the positions
+        # they were taken at). The pruned model is then run per target, in graph order, each layer
+        # fitted on the activations of the already-refitted layers before it, so errors do not compound
+        # (fitting all at once made outputs worse); each run stops at the target's input.
+        wanted = _original_rows(original, targets, input_name, feeds, self.rows_per_image, self.seed)
+        nodes = {n.name: n for n in pruned.graph}  # refits replace tensors, never nodes
+        for t in targets:
+            _accumulate(pruned, nodes[t.node], t, input_name, feeds, wanted[t.node])
+            _solve(pruned, nodes[t.node], t, self.ridge, record, self.min_rows_per_unknown)
+        return ReconstructResult(pruned, bool(record.layers), record)
+
+
 def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
                 input_name: str, batches: Iterable[np.ndarray], *, changed: Collection[str] = (),
                 ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
                 min_rows_per_unknown: float = 4.0, keep_out: Mapping[str, np.ndarray] | None = None
                 ) -> tuple[ir.Model, ReconstructRecord]:
-    """Return a copy of ``pruned`` whose consumers of removed channels are refitted.
-
-    ``changed`` names activations whose values differ from ``original``'s without losing channels
-    (e.g. a LeakyReLU replaced by ReLU): the first weighted layers reading them are refitted too.
-    Without ``analysis`` (nothing removed), output channels map one to one, unless ``keep_out``
-    says, per layer, which of the original's outputs ``pruned`` still has (several removals apart).
-    """
-    pruned = pruned.clone()  # tensors shared: refits replace them, never edit them
-    record = ReconstructRecord()
-    targets = _targets(original, pruned, analysis, removed, record, _reached(pruned, changed), keep_out or {})
-    if not targets:
-        return pruned, record
-    feeds = pieces(original, list(batches), input_name)
-    # The original's outputs do not change: one pass samples every target's rows (and the positions
-    # they were taken at). The pruned model is then run per target, in graph order, each layer
-    # fitted on the activations of the already-refitted layers before it, so errors do not compound
-    # (fitting all at once made outputs worse); each run stops at the target's input.
-    wanted = _original_rows(original, targets, input_name, feeds, rows_per_image, seed)
-    nodes = {n.name: n for n in pruned.graph}  # refits replace tensors, never nodes
-    for t in targets:
-        _accumulate(pruned, nodes[t.node], t, input_name, feeds, wanted[t.node])
-        _solve(pruned, nodes[t.node], t, ridge, record, min_rows_per_unknown)
-    return pruned, record
+    """Return a copy of ``pruned`` whose consumers of removed channels are refitted (:class:`Reconstruct`)."""
+    result = Reconstruct(original, analysis, removed, input_name, batches, changed=changed, ridge=ridge,
+                         rows_per_image=rows_per_image, seed=seed, min_rows_per_unknown=min_rows_per_unknown,
+                         keep_out=keep_out)(pruned)
+    return result.model, result.record
 
 
 Rows = tuple[np.ndarray | None, tuple[int, int], np.ndarray]  # sampled positions, output (H, W), output rows
@@ -116,24 +149,14 @@ def _original_rows(original: ir.Model, targets: list[_Target], input_name: str, 
 
 def _accumulate(pruned: ir.Model, node: ir.Node, t: _Target, input_name: str, feeds: list[np.ndarray],
                 wanted: list[Rows]) -> None:
-    sess = session(_up_to(pruned, t.in_name))
+    sess = session(up_to(pruned, t.in_name))
     for x, (idx, hw, Y) in zip(feeds, wanted):
-        X = _input_rows(t, node, sess.run(None, {input_name: x})[0], idx, hw)
+        X = input_rows(node, sess.run(None, {input_name: x})[0], idx, hw)
         X = np.hstack([X, np.ones((len(X), 1))])
         t.gram = X.T @ X if t.gram is None else t.gram + X.T @ X
         t.cross = X.T @ Y if t.cross is None else t.cross + X.T @ Y
         t.yy += float((Y * Y).sum())
         t.rows += len(X)
-
-
-def _up_to(model: ir.Model, name: str) -> onnx.ModelProto:
-    """``model`` cut down to the nodes (and weights) that compute ``name``, its only output."""
-    cut = model.clone()  # tensors shared, not copied
-    value = next(v for v in [*cut.graph.inputs, *(o for n in cut.graph for o in n.outputs)] if v.name == name)
-    cut.graph.outputs.clear()
-    cut.graph.outputs.append(value)
-    RemoveUnusedNodesPass()(cut)  # also follows what If/Loop bodies read from the outer graph
-    return ir.to_proto(cut)
 
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -204,28 +227,10 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
 
 def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None, out_hw: tuple[int, int]
                 ) -> np.ndarray:
-    """The layer's input patches at the sampled output positions ``idx`` (of an ``out_hw`` output),
-    in the layout of the flattened weight."""
-    x = np.asarray(x, np.float64)
-    if t.kind != "conv":
-        return x.reshape(-1, x.shape[-1])
-    w = node.inputs[1].const_value.shape.numpy()
-    kh, kw = w[2], w[3]
-    sh, sw = (node.attributes.get_ints("strides", None) or (1, 1))
-    dh, dw = (node.attributes.get_ints("dilations", None) or (1, 1))
-    pads = list(node.attributes.get_ints("pads", None) or (0, 0, 0, 0))
-    auto = node.attributes.get_string("auto_pad", "NOTSET")
-    hout, wout = out_hw
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        th = max((hout - 1) * sh + (kh - 1) * dh + 1 - x.shape[2], 0)
-        tw = max((wout - 1) * sw + (kw - 1) * dw + 1 - x.shape[3], 0)
-        top, left = (th // 2, tw // 2) if auto == "SAME_UPPER" else (th - th // 2, tw - tw // 2)
-        pads = [top, left, th - top, tw - left]
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    oy, ox = np.divmod(idx, wout)
-    cols = [xp[:, :, oy * sh + ky * dh, ox * sw + kx * dw] for ky in range(kh) for kx in range(kw)]
-    X = np.stack(cols, axis=-1)  # [B, C, P, kh*kw]
-    return X.transpose(0, 2, 1, 3).reshape(x.shape[0] * len(idx), -1)
+    """``t``'s input rows at the sampled output positions: :func:`.rows.input_rows` (this name and signature
+    are what ``tests/test_reconstruct.py`` reads)."""
+    del t  # the node says which kind of layer it is
+    return input_rows(node, x, idx, out_hw)
 
 
 def _solve(model: ir.Model, node: ir.Node, t: _Target, ridge: float, record: ReconstructRecord,

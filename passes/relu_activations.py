@@ -16,13 +16,20 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
+from .checks import CheckedPass
+
 LEAKY = ("LeakyRelu", "PRelu")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReluRecord:
     replaced: list[tuple[str, str]] = field(default_factory=list)  # (node, former op type)
     outputs: list[str] = field(default_factory=list)  # activations whose values changed
+
+
+@dataclass
+class ReluResult(ir.passes.PassResult):
+    record: ReluRecord = field(default_factory=ReluRecord)
 
 
 def fusable_activations(model: ir.Model, *, float_nodes: set[str] = frozenset()) -> list[str]:
@@ -42,20 +49,34 @@ def fusable_activations(model: ir.Model, *, float_nodes: set[str] = frozenset())
     return picked
 
 
+class ReluActivations(CheckedPass, ir.passes.FunctionalPass):
+    """Make each LeakyRelu/PRelu node named in ``nodes`` a Relu (same name, same output); the input model is
+    not modified. Not function-preserving (see the module doc)."""
+
+    def __init__(self, nodes: list[str], *, check: bool | None = None) -> None:
+        super().__init__()
+        self.nodes = list(nodes)
+        self.check = check
+
+    def call(self, model: ir.Model) -> ReluResult:
+        model = model.clone()
+        wanted = set(self.nodes)
+        record = ReluRecord()  # its lists are filled here, then never again
+        for node in model.graph:
+            if node.name not in wanted or node.op_type not in LEAKY or node.domain not in ("", "ai.onnx"):
+                continue
+            record.replaced.append((node.name, node.op_type))
+            record.outputs.append(node.outputs[0].name)
+            slope = node.inputs[1] if node.op_type == "PRelu" else None
+            node.op_type = "Relu"
+            node.attributes.pop("alpha", None)
+            node.resize_inputs(1)
+            if slope is not None and not slope.uses() and slope.name in model.graph.initializers:
+                model.graph.initializers.pop(slope.name)  # the PReLU slope is dead now
+        return ReluResult(model, bool(record.replaced), record)
+
+
 def relu_activations(model: ir.Model, nodes: list[str]) -> tuple[ir.Model, ReluRecord]:
-    """A copy of ``model`` in which each named LeakyRelu/PRelu node becomes a Relu (same name, same output)."""
-    model = model.clone()
-    wanted = set(nodes)
-    record = ReluRecord()
-    for node in model.graph:
-        if node.name not in wanted or node.op_type not in LEAKY or node.domain not in ("", "ai.onnx"):
-            continue
-        record.replaced.append((node.name, node.op_type))
-        record.outputs.append(node.outputs[0].name)
-        slope = node.inputs[1] if node.op_type == "PRelu" else None
-        node.op_type = "Relu"
-        node.attributes.pop("alpha", None)
-        node.resize_inputs(1)
-        if slope is not None and not slope.uses() and slope.name in model.graph.initializers:
-            model.graph.initializers.pop(slope.name)  # the PReLU slope is dead now
-    return model, record
+    """A copy of ``model`` in which each named LeakyRelu/PRelu node becomes a Relu (:class:`ReluActivations`)."""
+    result = ReluActivations(nodes)(model)
+    return result.model, result.record

@@ -16,16 +16,18 @@ import onnx_ir as ir
 
 from ..channels.analysis import ChannelAnalysis
 from ..channels.model import ParamSlot
+from .checks import CheckedPass, Shapes, assert_close, check_output, run
+from .mask_channels import MaskChannels
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerChange:
     node: str
     before: int
     after: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class RemovalRecord:
     removed_units: int = 0
     layers: list[LayerChange] = field(default_factory=list)
@@ -33,41 +35,103 @@ class RemovalRecord:
     inexact_folds: int = 0
 
 
-def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int] | list[int], *,
-                    input_means: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, RemovalRecord]:
-    """Return a copy of ``model`` without the channel units in ``removed`` (unit ids).
+@dataclass
+class RemovalResult(ir.passes.PassResult):
+    record: RemovalRecord = field(default_factory=RemovalRecord)
+
+
+class RemovalError(ir.passes.PreconditionError, ValueError):
+    """Units that cannot be removed: a ``PreconditionError`` of the pass, and a ``ValueError`` as before."""
+
+
+class RemoveChannels(CheckedPass, ir.passes.FunctionalPass):
+    """Remove the channel units ``removed`` (ids of ``analysis``); the input model is not modified.
 
     ``input_means`` (consumer input tensor -> mean per channel position, from calibration data)
     replaces each removed channel by its mean activation instead of its masked constant: the
     bias compensation of channel pruning, which keeps the consumers' outputs unbiased.
+
+    Its check (see :mod:`.checks`) adds the mask oracle: on the same random inputs, the output must
+    give what :class:`MaskChannels` gives on the input model. Skipped where the two differ by design:
+    with ``input_means``, or for units whose removal is exact only away from borders (``analysis.inexact``).
     """
-    model = model.clone()  # nodes and values copied; tensors shared (replaced below, never edited in place)
-    graph = model.graph
-    nodes = {n.name: n for n in graph}
-    removed_arr = np.array(sorted(set(int(u) for u in removed)), dtype=np.int64)
-    record = RemovalRecord(removed_units=len(removed_arr))
-    bad = [u for u in removed_arr.tolist() if u not in analysis.units or not analysis.units[u].prunable]
-    if bad:
-        raise ValueError(f"units {bad[:5]} are not prunable")
 
-    def keep(elems: np.ndarray) -> np.ndarray:
-        return ~np.isin(analysis.root[elems], removed_arr)
+    def __init__(self, analysis: ChannelAnalysis, removed: set[int] | list[int], *,
+                 input_means: dict[str, np.ndarray] | None = None, check: bool | None = None,
+                 check_shapes: Shapes | None = None) -> None:
+        super().__init__()
+        self.analysis = analysis
+        self.removed = np.array(sorted(set(int(u) for u in removed)), dtype=np.int64)
+        self.input_means = input_means
+        self.check = check
+        self.check_shapes = check_shapes
 
-    for s in analysis.slots:  # a zero-width layer is not a valid graph (and crashes some kernels)
-        if s.role == "out" and len(s.elems) and not keep(s.elems).any():
-            raise ValueError(f"removing these units would leave {s.node} with no channels")
+    def keep(self, elems: np.ndarray) -> np.ndarray:
+        """Which of ``elems`` (element ids) stay."""
+        return ~np.isin(self.analysis.root[elems], self.removed)
 
-    # The weights as they are (memory-mapped for external data): every change below makes a new array.
-    arrays = {name: v.const_value.numpy() for name, v in graph.initializers.items() if v.const_value is not None}
-    unchanged = dict(arrays)
-    slots = list(analysis.slots)
-    folds = analysis.folds
-    if input_means is not None:
-        folds = [_with_means(c, input_means[c.input]) if c.input in input_means else c for c in analysis.consumers]
+    def requires(self, model: ir.Model) -> None:
+        analysis = self.analysis
+        bad = [u for u in self.removed.tolist() if u not in analysis.units or not analysis.units[u].prunable]
+        if bad:
+            raise RemovalError(f"units {bad[:5]} are not prunable")
+        for s in analysis.slots:  # a zero-width layer is not a valid graph (and crashes some kernels)
+            if s.role == "out" and len(s.elems) and not self.keep(s.elems).any():
+                raise RemovalError(f"removing these units would leave {s.node} with no channels")
+
+    def call(self, model: ir.Model) -> RemovalResult:
+        model = model.clone()  # nodes and values copied; tensors shared (replaced below, never edited in place)
+        graph, analysis, keep = model.graph, self.analysis, self.keep
+        nodes = {n.name: n for n in graph}
+        # The weights as they are (memory-mapped for external data): every change below makes a new array.
+        arrays = {name: v.const_value.numpy() for name, v in graph.initializers.items() if v.const_value is not None}
+        unchanged = dict(arrays)
+        new_slots, folded, inexact = _fold_biases(graph, nodes, self._folds(), analysis, keep, arrays)
+        _slice(graph, [*analysis.slots, *new_slots], keep, arrays, unchanged)
+        layers: list[LayerChange] = []
+        for s in analysis.slots:
+            if s.role == "out" and not any(c.node == s.node for c in layers):
+                layers.append(LayerChange(s.node, len(s.elems), int(keep(s.elems).sum())))
+        for edit in analysis.group_edits:
+            nodes[edit.node].attributes["group"] = ir.AttrInt64("group", int(keep(edit.out_elems).sum()))
+        for edit in analysis.axis_edits:
+            _apply_axis_edit(model, nodes[edit.node], edit, keep)
+        for node in graph:  # widths changed: let shape inference recompute the intermediate shapes
+            for v in node.outputs:
+                if not v.is_graph_output():
+                    v.shape = None
+        record = RemovalRecord(len(self.removed), layers, folded, inexact)
+        return RemovalResult(model, bool(len(self.removed)), record)
+
+    def _folds(self) -> list:
+        """What removed channels feed forward, per consumer: masked constants, or calibration means."""
+        analysis, means = self.analysis, self.input_means
+        if means is None:
+            return analysis.folds
+        folds = [_with_means(c, means[c.input]) if c.input in means else c for c in analysis.consumers]
         covered = {c.node for c in analysis.consumers}
-        folds += [f for f in analysis.folds if f.node not in covered]
-    slots.extend(_fold_biases(graph, nodes, folds, analysis, keep, arrays, record))
+        return folds + [f for f in analysis.folds if f.node not in covered]
 
+    def verify(self, source: ir.Model | None, model: ir.Model) -> None:
+        feeds, got = check_output(model, shapes=self.check_shapes)
+        exact = self.input_means is None and not set(self.removed.tolist()) & set(self.analysis.inexact)
+        if feeds is None or source is None or not exact:
+            return
+        masked = MaskChannels(self.analysis, self.removed.tolist(), check=False)(source).model
+        want = run(ir.to_proto(masked), feeds, "the masked model")
+        assert_close(got, want, "mask oracle: the removed model differs from the masked one")
+
+
+def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int] | list[int], *,
+                    input_means: dict[str, np.ndarray] | None = None) -> tuple[ir.Model, RemovalRecord]:
+    """Return a copy of ``model`` without the channel units in ``removed`` (unit ids; :class:`RemoveChannels`)."""
+    result = RemoveChannels(analysis, removed, input_means=input_means)(model)
+    return result.model, result.record
+
+
+def _slice(graph: ir.Graph, slots: list[ParamSlot], keep, arrays: dict[str, np.ndarray],
+           unchanged: dict[str, np.ndarray]) -> None:
+    """Slice every recorded initializer axis to the kept elements; set the initializers that changed."""
     by_value: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
     for s in slots:
         by_value[s.value][s.axis] = keep(s.elems)
@@ -79,21 +143,6 @@ def remove_channels(model: ir.Model, analysis: ChannelAnalysis, removed: set[int
         arr = arrays.get(name)
         if arr is not None and value.const_value is not None and arr is not unchanged.get(name):
             _set_initializer(value, arr)
-
-    for s in analysis.slots:
-        if s.role == "out" and not any(c.node == s.node for c in record.layers):
-            record.layers.append(LayerChange(s.node, len(s.elems), int(keep(s.elems).sum())))
-
-    for edit in analysis.group_edits:
-        nodes[edit.node].attributes["group"] = ir.AttrInt64("group", int(keep(edit.out_elems).sum()))
-    for edit in analysis.axis_edits:
-        _apply_axis_edit(model, nodes[edit.node], edit, keep)
-
-    for node in graph:  # widths changed: let shape inference recompute the intermediate shapes
-        for v in node.outputs:
-            if not v.is_graph_output():
-                v.shape = None
-    return model, record
 
 
 def _set_initializer(value: ir.Value, arr: np.ndarray) -> None:
@@ -110,9 +159,11 @@ def _with_means(consumer, means: np.ndarray):
     return replace(consumer, const=np.where(np.isnan(consumer.const), np.nan, means))
 
 
-def _fold_biases(graph, nodes, folds, analysis: ChannelAnalysis, keep, arrays, record: RemovalRecord) -> list[ParamSlot]:
-    """Add what removed constant channels contributed to each consumer's bias; new bias slots."""
+def _fold_biases(graph, nodes, folds, analysis: ChannelAnalysis, keep, arrays) -> tuple[list[ParamSlot], int, int]:
+    """Add what removed constant channels contributed to each consumer's bias; the new bias slots, and
+    how many biases were folded into (of which inexactly)."""
     new_slots: list[ParamSlot] = []
+    folded = inexact = 0
     out_slots = {s.node: s for s in analysis.slots if s.role == "out"}
     for fold in folds:
         gone = ~keep(fold.elems)
@@ -153,9 +204,9 @@ def _fold_biases(graph, nodes, folds, analysis: ChannelAnalysis, keep, arrays, r
             new_slots.append(ParamSlot(name, 0, out.elems, "bias", node.name))
         arr = arrays[bias.name]
         arrays[bias.name] = (arr.astype(np.float64) + delta.reshape(arr.shape)).astype(arr.dtype)
-        record.folded_biases += 1
-        record.inexact_folds += int(not fold.exact)
-    return new_slots
+        folded += 1
+        inexact += int(not fold.exact)
+    return new_slots, folded, inexact
 
 
 def _unique(graph: ir.Graph, base: str) -> str:

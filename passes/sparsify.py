@@ -43,7 +43,8 @@ from ..graph.matching import match_nodes
 from ..graph.runtime import pieces, session
 from ..graph.interface import exposing
 from ..sensitivity import distortion
-from .reconstruct import _input_rows, _up_to
+from .checks import CheckedPass, shapes_of
+from .rows import input_rows, up_to
 
 BAND = 0.1  # each layer's sparsity stays within ±BAND of the target (README, "Sparse weights": wider hurt)
 SCAN_MIN_SHARE = 0.01  # layers smaller than this share of the weights are not scanned: they get the target
@@ -53,7 +54,7 @@ STEP = 0.2  # gradual pruning: at most this share of a layer's weights is zeroed
 HUGE = 1e30  # distortion of a failed or non-finite scan point: the budget goes there last
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerSparsity:
     node: str
     weights: int
@@ -62,7 +63,7 @@ class LayerSparsity:
     error_refit: float | None = None  # after the refit (None: not refitted)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparsifyRecord:
     target: float  # requested share of the layers' weights set to zero
     split: str  # "sensitivity" (scanned on calibration data) or "uniform"
@@ -77,6 +78,11 @@ class SparsifyRecord:
     @property
     def zeros(self) -> int:
         return sum(l.zeros for l in self.layers)
+
+
+@dataclass
+class SparsifyResult(ir.passes.PassResult):
+    record: SparsifyRecord = field(default_factory=lambda: SparsifyRecord(0.0, "uniform"))
 
 
 @dataclass
@@ -106,64 +112,101 @@ def check_sparsity(sparsity: float) -> None:
         raise ConfigError(f"--sparsity must be in [0, 1) (share of the remaining weights set to zero), got {sparsity}")
 
 
+class Sparsify(CheckedPass, ir.passes.FunctionalPass):
+    """Set ``round(sparsity × N)`` of the model's N layer weights to zero; the input model is not modified.
+
+    ``batches`` (calibration samples for ``input_name``) enable the sensitivity split and the
+    refit; ``scan_batches`` (default: the first batch) are what the scan runs on. ``exclude``
+    patterns (regex or glob on node names, as ``--exclude``) keep layers dense.
+
+    The refit makes each layer reproduce the same layer of ``reference`` (default: the model the
+    pass runs on), e.g. the model before channel pruning, whose layers' outputs ``keep_out`` maps
+    to this one's (node -> which of the reference layer's output channels this layer still has).
+    """
+
+    def __init__(self, sparsity: float, *, exclude: Sequence[str] = (), reference: ir.Model | None = None,
+                 keep_out: Mapping[str, np.ndarray] | None = None, input_name: str | None = None,
+                 batches: Sequence[np.ndarray] | None = None, scan_batches: Sequence[np.ndarray] | None = None,
+                 refit: bool = True, band: float = BAND, executor: TaskExecutor | None = None,
+                 workers: int = 2, ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
+                 progress: Callable[..., None] | None = None, check: bool | None = None) -> None:
+        super().__init__()
+        check_sparsity(sparsity)
+        self.sparsity, self.exclude, self.reference, self.keep_out = sparsity, exclude, reference, keep_out
+        self.input_name, self.batches, self.scan_batches = input_name, batches, scan_batches
+        self.refit, self.band, self.executor, self.workers = refit, band, executor, workers
+        self.ridge, self.rows_per_image, self.seed = ridge, rows_per_image, seed
+        self.say = progress or (lambda *a: None)
+        self.check = check
+        self.check_shapes = shapes_of(input_name, batches)
+
+    def call(self, model: ir.Model) -> SparsifyResult:
+        sparsity, input_name, batches, band = self.sparsity, self.input_name, self.batches, self.band
+        out = model.clone()  # tensors shared: new weights replace them, never edit them
+        layers, skipped = _layers(out, self.exclude)
+        calibrated = batches is not None and input_name is not None
+        if not layers or sparsity == 0:
+            return SparsifyResult(out, False, SparsifyRecord(float(sparsity), "uniform", skipped=skipped))
+        dense = {l.node: out.graph.initializers[l.weight].const_value.numpy() for l in layers}
+        total = sum(l.size for l in layers)
+        budget = int(round(sparsity * total))
+        scanned = [l for l in layers if l.size >= SCAN_MIN_SHARE * total] if calibrated and band > 0 else []
+        counts = _split_uniform(layers, budget, sparsity)
+        curves: dict[str, list[tuple[float, float]]] = {}
+        if scanned:
+            grid = sorted({round(min(max(sparsity + d, 0.0), 1.0), 6) for d in (-band, 0.0, band)} - {0.0})
+            scan_feeds = pieces(model, list(self.scan_batches or list(batches)[:1]), input_name)
+            curves = _scan(out, scanned, dense, input_name, scan_feeds, grid, self.refit, self.ridge,
+                           self.rows_per_image, self.seed, self.executor, self.workers,
+                           lambda i, n: self.say("sparsity scan", i, n))
+            # small layers keep the target share
+            rest = budget - sum(counts[l.node] for l in layers if l not in scanned)
+            counts.update(_split_by_curves(scanned, curves, rest, sparsity, band))
+        if calibrated and self.refit:
+            fits = self._zero(model, out, layers, dense, counts)
+        else:
+            fits = {}
+            for l in layers:
+                keep = _magnitude_keep(dense[l.node], counts[l.node])
+                _write(out.graph.initializers[l.weight], np.where(keep, dense[l.node], 0).astype(dense[l.node].dtype))
+        record = SparsifyRecord(float(sparsity), "sensitivity" if scanned else "uniform", skipped=skipped,
+                                curves=curves)
+        for l in layers:
+            w = out.graph.initializers[l.weight].const_value.numpy()
+            before, after = fits.get(l.node, (None, None))
+            record.layers.append(LayerSparsity(l.node, l.size, int(l.size - np.count_nonzero(w)), before, after))
+        return SparsifyResult(out, record.zeros > 0, record)
+
+    def _zero(self, model: ir.Model, out: ir.Model, layers: list[_Layer], dense: dict[str, np.ndarray],
+              counts: dict[str, int]) -> dict[str, tuple[float, float | None]]:
+        """Zero ``counts`` weights per layer of ``out`` gradually, refitting after each step; the fits."""
+        input_name = self.input_name
+        feeds = pieces(model, list(self.batches), input_name)
+        targets, spread = _refit_targets(model, self.reference, self.keep_out or {}, layers, input_name, feeds,
+                                         self.rows_per_image, self.seed)
+        steps = max(1, int(np.ceil(self.sparsity / STEP - 1e-9)))
+        fits: dict[str, tuple[float, float | None]] = {}
+        for step in range(1, steps + 1):  # gradual: each step zeroes more of what the last refit made smallest
+            current = {l.node: out.graph.initializers[l.weight].const_value.numpy() for l in layers}
+            masks = {l.node: _magnitude_keep(current[l.node], int(round(counts[l.node] * step / steps)))
+                     for l in layers}
+            fits = _refit(out, layers, current, dense, masks, targets, spread, input_name, feeds, self.ridge,
+                          lambda i, n, k=step: self.say(f"refitting sparse layers (step {k} of {steps})", i, n))
+        return fits
+
+
 def sparsify(model: ir.Model, sparsity: float, *, exclude: Sequence[str] = (), reference: ir.Model | None = None,
              keep_out: Mapping[str, np.ndarray] | None = None, input_name: str | None = None,
              batches: Sequence[np.ndarray] | None = None, scan_batches: Sequence[np.ndarray] | None = None,
              refit: bool = True, band: float = BAND, executor: TaskExecutor | None = None,
              workers: int = 2, ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
              progress: Callable[..., None] | None = None) -> tuple[ir.Model, SparsifyRecord]:
-    """Return a copy of ``model`` with ``round(sparsity × N)`` of its N layer weights set to zero.
-
-    ``batches`` (calibration samples for ``input_name``) enable the sensitivity split and the
-    refit; ``scan_batches`` (default: the first batch) are what the scan runs on. ``exclude``
-    patterns (regex or glob on node names, as ``--exclude``) keep layers dense.
-
-    The refit makes each layer reproduce the same layer of ``reference`` (default: ``model``
-    itself), e.g. the model before channel pruning, whose layers' outputs ``keep_out`` maps to this
-    one's (node -> which of the reference layer's output channels this layer still has).
-    """
-    check_sparsity(sparsity)
-    say = progress or (lambda *a: None)
-    out = model.clone()  # tensors shared: new weights replace them, never edit them
-    layers, skipped = _layers(out, exclude)
-    calibrated = batches is not None and input_name is not None
-    record = SparsifyRecord(float(sparsity), "uniform", skipped=skipped)
-    if not layers or sparsity == 0:
-        return out, record
-    dense = {l.node: out.graph.initializers[l.weight].const_value.numpy() for l in layers}
-    total = sum(l.size for l in layers)
-    budget = int(round(sparsity * total))
-    scanned = [l for l in layers if l.size >= SCAN_MIN_SHARE * total] if calibrated and band > 0 else []
-    counts = _split_uniform(layers, budget, sparsity)
-    if scanned:
-        grid = sorted({round(min(max(sparsity + d, 0.0), 1.0), 6) for d in (-band, 0.0, band)} - {0.0})
-        scan_feeds = pieces(model, list(scan_batches or list(batches)[:1]), input_name)
-        curves = _scan(out, scanned, dense, input_name, scan_feeds, grid, refit, ridge, rows_per_image, seed,
-                       executor, workers, lambda i, n: say("sparsity scan", i, n))
-        record.curves, record.split = curves, "sensitivity"
-        rest = budget - sum(counts[l.node] for l in layers if l not in scanned)  # small layers keep the target share
-        counts.update(_split_by_curves(scanned, curves, rest, sparsity, band))
-    fits: dict[str, tuple[float, float | None]] = {}
-    if calibrated and refit:
-        feeds = pieces(model, list(batches), input_name)
-        targets, spread = _refit_targets(model, reference, keep_out or {}, layers, input_name, feeds, rows_per_image,
-                                         seed)
-        steps = max(1, int(np.ceil(sparsity / STEP - 1e-9)))
-        for step in range(1, steps + 1):  # gradual: each step zeroes more of what the last refit made smallest
-            current = {l.node: out.graph.initializers[l.weight].const_value.numpy() for l in layers}
-            masks = {l.node: _magnitude_keep(current[l.node], int(round(counts[l.node] * step / steps)))
-                     for l in layers}
-            fits = _refit(out, layers, current, dense, masks, targets, spread, input_name, feeds, ridge,
-                          lambda i, n, k=step: say(f"refitting sparse layers (step {k} of {steps})", i, n))
-    else:
-        for l in layers:
-            keep = _magnitude_keep(dense[l.node], counts[l.node])
-            _write(out.graph.initializers[l.weight], np.where(keep, dense[l.node], 0).astype(dense[l.node].dtype))
-    for l in layers:
-        w = out.graph.initializers[l.weight].const_value.numpy()
-        before, after = fits.get(l.node, (None, None))
-        record.layers.append(LayerSparsity(l.node, l.size, int(l.size - np.count_nonzero(w)), before, after))
-    return out, record
+    """A copy of ``model`` with ``round(sparsity × N)`` of its N layer weights set to zero (:class:`Sparsify`)."""
+    result = Sparsify(sparsity, exclude=exclude, reference=reference, keep_out=keep_out, input_name=input_name,
+                      batches=batches, scan_batches=scan_batches, refit=refit, band=band, executor=executor,
+                      workers=workers, ridge=ridge, rows_per_image=rows_per_image, seed=seed,
+                      progress=progress)(model)
+    return result.model, result.record
 
 
 # --------------------------------------------------------------------------------------------------- layers
@@ -400,7 +443,7 @@ def _dense_stats(proto: onnx.ModelProto, layers: list[_Layer], input_name: str, 
             for l in group:
                 node = nodes[l.node]
                 idx, hw = _positions(l, vals[node.outputs[0].name], rngs[l.node], per_image)
-                X = _grouped(l, _input_rows(l, node, vals[l.in_name], idx, hw))
+                X = _grouped(l, input_rows(node, vals[l.in_name], idx, hw))
                 g = np.matmul(X.transpose(0, 2, 1), X)
                 G[l.node] = g if G[l.node] is None else G[l.node] + g
                 rows[l.node] += X.shape[1]
@@ -538,12 +581,12 @@ def _refit(out: ir.Model, layers: list[_Layer], current: dict[str, np.ndarray], 
         if not l.out_name:
             _write(out.graph.initializers[l.weight], _unpack(l, np.where(free, theta0, 0.0), current[l.node])[0])
             continue
-        sess = session(_up_to(out, l.in_name)) if l.in_name != input_name else None
+        sess = session(up_to(out, l.in_name)) if l.in_name != input_name else None
         G = H = ey2 = None
         rows = 0
         for x, (idx, hw, Y) in zip(feeds, targets[l.node]):
             inp = sess.run(None, {input_name: x})[0] if sess is not None else x
-            X = _grouped(l, _input_rows(l, nodes[l.node], inp, idx, hw))
+            X = _grouped(l, input_rows(nodes[l.node], inp, idx, hw))
             Yg = Y.reshape(len(Y), l.groups, -1).transpose(1, 0, 2)
             g, h, e = np.matmul(X.transpose(0, 2, 1), X), np.matmul(X.transpose(0, 2, 1), Yg), (Yg * Yg).sum(axis=1)
             G, H, ey2 = (g, h, e) if G is None else (G + g, H + h, ey2 + e)

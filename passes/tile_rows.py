@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from .checks import CheckedPass, check_output
+
 CACHE_BUDGET = 1 << 20  # bytes per strip of the chain's largest tensor (~L2 of a server core)
 MAX_STRIPS = 8
 _CHECK_HEIGHTS = 2048  # dynamic heights checked for exactness
@@ -55,7 +57,7 @@ class _Window:
         return (h + self.top + self.bottom - self.extent) // self.stride + 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class TileRecord:
     nodes: list[str] = field(default_factory=list)  # the chain that now runs in strips
     strips: int = 0
@@ -66,37 +68,70 @@ class TileRecord:
         return self.strips > 1
 
 
-def tile_rows(model: ir.Model, input_shape: tuple[int, ...] | None = None, *, budget: int = CACHE_BUDGET,
-              strips: int | None = None) -> tuple[ir.Model, TileRecord]:
-    """A copy of ``model`` whose high-resolution prefix runs in row strips (see the module doc).
+@dataclass
+class TileResult(ir.passes.PassResult):
+    record: TileRecord = field(default_factory=TileRecord)
+
+
+class TileRows(CheckedPass, ir.passes.FunctionalPass):
+    """Run the model's high-resolution prefix in row strips (see the module doc); the input model is not modified.
 
     ``input_shape``: the concrete [N, C, H, W] the chain is sized for (the input's static dims by
     default); ``strips`` forces the strip count instead of sizing strips to ``budget``.
     """
-    model = model.clone()
-    graph = model.graph
-    x = next((v for v in graph.inputs if v.shape is not None and len(v.shape) == 4
-              and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)), None)
-    if x is None:
-        return model, TileRecord(reason="no 4-D float image input")
-    shape = tuple(input_shape) if input_shape else tuple(d if isinstance(d, int) else None for d in x.shape)
-    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
-        return model, TileRecord(reason="input size unknown (give a concrete input shape)")
-    if model.opset_imports.get("", 1) < 12:
-        return model, TileRecord(reason="opset below 12 (no int64 Min/Max for the strip bounds)")
-    chain, windows, largest = _chain(graph, x, shape, budget)
-    if not windows:
-        return model, TileRecord(reason="no convolution on a tensor above the cache budget")
-    k = strips or min(MAX_STRIPS, max(2, math.ceil(largest / budget)))
-    # Heights the model may see: its own if static, else every one up to a bound (beyond, strips only grow).
-    heights = [x.shape[2]] if isinstance(x.shape[2], int) else range(1, _CHECK_HEIGHTS + 1)
-    ws = [windows[i] for i in sorted(windows)]
-    while k > 1 and not all(_Plan.of(ws, k).exact(h) for h in heights):
-        k -= 1
-    if k < 2:
-        return model, TileRecord(reason="strips would not reproduce the chain for every input height")
-    _rewrite(graph, x, chain, _Plan.of(ws, k))
-    return model, TileRecord([n.name or n.op_type for n in chain], k)
+
+    def __init__(self, input_shape: tuple[int, ...] | None = None, *, budget: int = CACHE_BUDGET,
+                 strips: int | None = None, check: bool | None = None) -> None:
+        super().__init__()
+        self.input_shape, self.budget, self.strips = input_shape, budget, strips
+        self.check = check
+
+    def call(self, model: ir.Model) -> TileResult:
+        model = model.clone()
+        graph = model.graph
+        x = _image_input(graph)
+        if x is None:
+            return TileResult(model, False, TileRecord(reason="no 4-D float image input"))
+        given = self.input_shape
+        shape = tuple(given) if given else tuple(d if isinstance(d, int) else None for d in x.shape)
+        if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+            return TileResult(model, False, TileRecord(reason="input size unknown (give a concrete input shape)"))
+        if model.opset_imports.get("", 1) < 12:
+            return TileResult(model, False, TileRecord(reason="opset below 12 (no int64 Min/Max for the strip bounds)"))
+        chain, windows, largest = _chain(graph, x, shape, self.budget)
+        if not windows:
+            return TileResult(model, False, TileRecord(reason="no convolution on a tensor above the cache budget"))
+        k = self.strips or min(MAX_STRIPS, max(2, math.ceil(largest / self.budget)))
+        # Heights the model may see: its own if static, else every one up to a bound (beyond, strips only grow).
+        heights = [x.shape[2]] if isinstance(x.shape[2], int) else range(1, _CHECK_HEIGHTS + 1)
+        ws = [windows[i] for i in sorted(windows)]
+        while k > 1 and not all(_Plan.of(ws, k).exact(h) for h in heights):
+            k -= 1
+        if k < 2:
+            return TileResult(model, False,
+                              TileRecord(reason="strips would not reproduce the chain for every input height"))
+        _rewrite(graph, x, chain, _Plan.of(ws, k))
+        return TileResult(model, True, TileRecord([n.name or n.op_type for n in chain], k))
+
+    def verify(self, source: ir.Model | None, model: ir.Model) -> None:
+        """The output is valid and runs, at ``input_shape`` when given (its height may be symbolic)."""
+        del source
+        x = _image_input(model.graph)
+        shapes = {x.name: self.input_shape} if x is not None and self.input_shape else None
+        check_output(model, shapes=shapes)
+
+
+def tile_rows(model: ir.Model, input_shape: tuple[int, ...] | None = None, *, budget: int = CACHE_BUDGET,
+              strips: int | None = None) -> tuple[ir.Model, TileRecord]:
+    """A copy of ``model`` whose high-resolution prefix runs in row strips (:class:`TileRows`)."""
+    result = TileRows(input_shape, budget=budget, strips=strips)(model)
+    return result.model, result.record
+
+
+def _image_input(graph: ir.Graph) -> ir.Value | None:
+    """The first 4-D float input: the image the chain starts from."""
+    return next((v for v in graph.inputs if v.shape is not None and len(v.shape) == 4
+                 and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)), None)
 
 
 # ------------------------------------------------------------------------------------------ the chain
@@ -303,31 +338,59 @@ def _affine(windows: list[_Window]) -> tuple[int, int, int]:
     return scale, start, end
 
 
-def _rewrite(graph: ir.Graph, x: ir.Value, chain: list[ir.Node], plan: _Plan) -> None:
-    """Replace ``chain`` by ``plan.k`` strips whose bounds the graph computes from the input's height."""
-    k, scale = plan.k, plan.scale
-    base = chain[-1].outputs[0]
-    taken = {n.name.split("/", 1)[0] for n in graph.all_nodes() if n.name}
-    tag = next(t for t in (f"tile{i or ''}" for i in range(len(taken) + 1)) if t not in taken)  # short: names repeat
-    consts: dict[str, ir.Value] = {}
-    nodes: list[ir.Node] = []
+class _Builder:
+    """Nodes and int64 constants of the tiled graph, all named under one tag (``tile``, ``tile1``...)."""
 
-    def const(name: str, values) -> ir.Value:
-        key = f"{tag}/{name}"
-        if key not in consts:
+    def __init__(self, graph: ir.Graph) -> None:
+        taken = {n.name.split("/", 1)[0] for n in graph.all_nodes() if n.name}
+        # short: names repeat
+        self.tag = next(t for t in (f"tile{i or ''}" for i in range(len(taken) + 1)) if t not in taken)
+        self.graph = graph
+        self.consts: dict[str, ir.Value] = {}
+        self.nodes: list[ir.Node] = []
+
+    def const(self, name: str, values) -> ir.Value:
+        key = f"{self.tag}/{name}"
+        if key not in self.consts:
             arr = np.asarray(values, dtype=np.int64)
-            consts[key] = ir.Value(name=key, const_value=ir.tensor(arr, name=key), shape=ir.Shape(arr.shape),
-                                   type=ir.TensorType(ir.DataType.INT64))
-            graph.register_initializer(consts[key])
-        return consts[key]
+            self.consts[key] = ir.Value(name=key, const_value=ir.tensor(arr, name=key), shape=ir.Shape(arr.shape),
+                                        type=ir.TensorType(ir.DataType.INT64))
+            self.graph.register_initializer(self.consts[key])
+        return self.consts[key]
 
-    def op(op_type: str, *inputs: ir.Value, name: str, **attrs) -> ir.Value:
-        node = ir.Node("", op_type, inputs, [_attr(key, val) for key, val in attrs.items()], name=f"{tag}/{name}")
+    def op(self, op_type: str, *inputs: ir.Value, name: str, **attrs) -> ir.Value:
+        node = ir.Node("", op_type, inputs, [_attr(key, val) for key, val in attrs.items()], name=f"{self.tag}/{name}")
         node.outputs[0].name = node.name
-        nodes.append(node)
+        self.nodes.append(node)
         return node.outputs[0]
 
-    # _Plan.strips, vectorised over the strips (heights are never negative: Div is floor division here).
+
+def _rewrite(graph: ir.Graph, x: ir.Value, chain: list[ir.Node], plan: _Plan) -> None:
+    """Replace ``chain`` by ``plan.k`` strips whose bounds the graph computes from the input's height."""
+    base = chain[-1].outputs[0]
+    b = _Builder(graph)
+    bounds = _bounds(b, x, plan)
+    axes = b.const("axes", [2])
+    pieces = [_strip(b, x, chain, s, bounds, axes) for s in range(plan.k)]
+    for piece in pieces:
+        piece.dtype = base.dtype
+    joined = ir.Node("", "Concat", pieces, [_attr("axis", 2)], name=f"{b.tag}/concat")
+    joined.outputs[0].dtype, joined.outputs[0].shape = base.dtype, base.shape  # same tensor, so same shape
+    b.nodes.append(joined)
+    graph.insert_before(chain[0], b.nodes)
+    base.replace_all_uses_with(joined.outputs[0], replace_graph_outputs=True)
+    for node in reversed(chain):
+        graph.remove(node, safe=True)
+    base.name, joined.outputs[0].name = f"{base.name}/untiled", base.name
+    graph.sort()  # the copies read values (QDQ weights) produced between the chain's nodes
+
+
+def _bounds(b: _Builder, x: ir.Value, plan: _Plan) -> dict[str, ir.Value]:
+    """``_Plan.strips`` as graph values, vectorised over the strips: lo, hi, keep_from, keep_to (one per strip).
+
+    Heights are never negative, so Div is floor division here.
+    """
+    k, scale, const, op = plan.k, plan.scale, b.const, b.op
     height = op("Gather", op("Shape", x, name="shape"), const("axis_h", [2]), name="height", axis=0)
     h = height
     for i, win in enumerate(plan.windows):
@@ -335,41 +398,32 @@ def _rewrite(graph: ir.Graph, x: ir.Value, chain: list[ir.Node], plan: _Plan) ->
         h = op("Add", op("Div", padded, const(f"stride{i}", [win.stride]), name=f"h{i}_strided"),
                const("one", [1]), name=f"h{i + 1}")
     a = op("Div", op("Mul", h, const("from_index", list(range(k))), name="a_scaled"), const("k", [k]), name="a")
-    b = op("Div", op("Mul", h, const("to_index", list(range(1, k + 1))), name="b_scaled"), const("k", [k]), name="b")
+    b_ = op("Div", op("Mul", h, const("to_index", list(range(1, k + 1))), name="b_scaled"), const("k", [k]), name="b")
     top = op("Mul", op("Div", op("Sub", height, const("one", [1]), name="last_row"), const("scale", [scale]),
                        name="last_block"), const("scale", [scale]), name="top_start")
     lo = op("Mul", op("Add", a, const("start_blocks", [plan.start // scale]), name="a_shifted"),
             const("scale", [scale]), name="lo_raw")
     lo = op("Min", op("Max", lo, const("zero", [0]), name="lo_clamped"), top, name="lo")
-    hi = op("Add", op("Mul", b, const("scale", [scale]), name="b_in"), const("end", [plan.end]), name="hi")
+    hi = op("Add", op("Mul", b_, const("scale", [scale]), name="b_in"), const("end", [plan.end]), name="hi")
     offset = op("Div", lo, const("scale", [scale]), name="offset")
-    keep_from, keep_to = op("Sub", a, offset, name="keep_from"), op("Sub", b, offset, name="keep_to")
+    return {"lo": lo, "hi": hi, "keep_from": op("Sub", a, offset, name="keep_from"),
+            "keep_to": op("Sub", b_, offset, name="keep_to")}
 
-    axes = const("axes", [2])
-    pieces = []
-    for s in range(k):
-        index = const(f"i{s}", [s])
-        pick = {name: op("Gather", vec, index, name=f"strip{s}/{name}", axis=0)
-                for name, vec in (("lo", lo), ("hi", hi), ("keep_from", keep_from), ("keep_to", keep_to))}
-        cur = op("Slice", x, pick["lo"], pick["hi"], axes, name=f"strip{s}/rows")
-        for node in chain:
-            copy = ir.Node(node.domain, node.op_type, [cur, *node.inputs[1:]],
-                           list(node.attributes.values()),
-                           name=f"{node.name or node.op_type}/strip{s}")
-            copy.outputs[0].name, copy.outputs[0].dtype = f"{node.outputs[0].name}/strip{s}", node.outputs[0].dtype
-            nodes.append(copy)
-            cur = copy.outputs[0]
-        pieces.append(op("Slice", cur, pick["keep_from"], pick["keep_to"], axes, name=f"strip{s}/keep"))
-        pieces[-1].dtype = base.dtype
-    joined = ir.Node("", "Concat", pieces, [_attr("axis", 2)], name=f"{tag}/concat")
-    joined.outputs[0].dtype, joined.outputs[0].shape = base.dtype, base.shape  # same tensor, so same shape
-    nodes.append(joined)
-    graph.insert_before(chain[0], nodes)
-    base.replace_all_uses_with(joined.outputs[0], replace_graph_outputs=True)
-    for node in reversed(chain):
-        graph.remove(node, safe=True)
-    base.name, joined.outputs[0].name = f"{base.name}/untiled", base.name
-    graph.sort()  # the copies read values (QDQ weights) produced between the chain's nodes
+
+def _strip(b: _Builder, x: ir.Value, chain: list[ir.Node], s: int, bounds: dict[str, ir.Value],
+           axes: ir.Value) -> ir.Value:
+    """Strip ``s``: its input rows, copies of the chain's nodes on them, and the rows it keeps."""
+    index = b.const(f"i{s}", [s])
+    pick = {name: b.op("Gather", bounds[name], index, name=f"strip{s}/{name}", axis=0)
+            for name in ("lo", "hi", "keep_from", "keep_to")}
+    cur = b.op("Slice", x, pick["lo"], pick["hi"], axes, name=f"strip{s}/rows")
+    for node in chain:
+        copy = ir.Node(node.domain, node.op_type, [cur, *node.inputs[1:]], list(node.attributes.values()),
+                       name=f"{node.name or node.op_type}/strip{s}")
+        copy.outputs[0].name, copy.outputs[0].dtype = f"{node.outputs[0].name}/strip{s}", node.outputs[0].dtype
+        b.nodes.append(copy)
+        cur = copy.outputs[0]
+    return b.op("Slice", cur, pick["keep_from"], pick["keep_to"], axes, name=f"strip{s}/keep")
 
 
 def _attr(name: str, value) -> ir.Attr:

@@ -137,7 +137,7 @@ def test_trained_recognizer_keeps_embeddings_with_calibration() -> None:
     model = onnx.load(str(SHARED / "models" / "mobilefacenet_paddle.onnx"))
     data = load_calibration(SHARED / "data" / "faces112", model, preset="arcface")
     calibrated = onnxprune.slim(model, 0.3, calibration=data)
-    held = calibrated.report.fidelity["embedding"]["mean_cosine"]
+    held = calibrated.report.fidelity.embedding["mean_cosine"]
     weights_only = onnxprune.slim(model, 0.3)
     x = data.samples()
     a, b = run(model, {"x": x})[0], run(weights_only.model, {"x": x})[0]
@@ -171,5 +171,11 @@ def test_verification_on_identity_folders(tmp_path: Path) -> None:
     ids = load_identities(tmp_path, model, data)
     assert len(ids[1]) == 6
     report = onnxprune.slim(model, 0.3, calibration=data, identities=ids).report.fidelity
-    assert report["verification_ref"]["auc"] == 1.0
-    assert 0.0 <= report["verification_got"]["auc"] <= 1.0
+    assert report.verification_ref["auc"] == 1.0
+    assert 0.0 <= report.verification_got["auc"] <= 1.0
+    v = report.verification  # both models on 3 same-person and 12 different-person pairs
+    assert (v.reference.genuine, v.reference.impostor) == (3, 12)
+    assert v.candidate.auc == report.verification_got["auc"]
+    assert sorted(d.identity for d in v.drift) == ["biden", "kit", "obama"]
+    assert [d.mean_cosine for d in v.drift] == sorted(d.mean_cosine for d in v.drift)
+    assert "accuracy at the original's threshold" in report.summary()

@@ -4,6 +4,7 @@ column, the --report line, and the Python API for calibrated slim/quantize."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -94,14 +95,13 @@ def test_report_dir_prints_the_page_it_wrote(tmp_path: Path, capsys) -> None:
     assert "wrote" not in capsys.readouterr().err
 
 
-def test_report_dir_without_matplotlib_names_the_page_in_its_one_note(tmp_path: Path, capsys, monkeypatch) -> None:
-    from onnxprune import plots
-    monkeypatch.setattr(plots, "available", lambda: False)
+def test_report_dir_without_matplotlib_is_one_error_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # matplotlib is a dependency; a broken install is an error
     model, pages = _save(tmp_path, "se-block"), tmp_path / "pages"
-    assert main(["bench", str(model), "--runs", "2", "--warmup", "0", "--report", str(pages)]) == 0
+    assert main(["bench", str(model), "--runs", "2", "--warmup", "0", "--report", str(pages)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("onnxprune: note: matplotlib is not installed"), err
-    assert str(pages / "report.html") in err[0]
+    assert len(err) == 1 and err[0].startswith("onnxprune: error: ") and "matplotlib" in err[0], err
+    assert not (pages / "report.html").exists()
 
 
 # e. the Python API runs a calibrated slim and quantize from the top-level package

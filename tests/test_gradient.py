@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 import onnxprune  # noqa: E402
 from onnxprune.calibration import CalibrationSet  # noqa: E402
-from onnxprune.finetune import distill  # noqa: E402
+from onnxprune.finetune import DistillOptions, distill  # noqa: E402
 from onnxprune.sample_models import GENERATED, load_sample  # noqa: E402
 from onnxprune.saliency import gradient  # noqa: E402
 from onnxprune.saliency.criteria import CRITERIA, ScoreContext  # noqa: E402
@@ -262,16 +262,16 @@ def test_distill_without_torch_raises_config_error(monkeypatch) -> None:
     model, x = _chain()
     monkeypatch.setitem(sys.modules, "torch", None)
     with pytest.raises(onnxprune.ConfigError, match="needs PyTorch"):
-        distill(model, model, "x", [x], steps=1)
+        distill(model, model, "x", [x], DistillOptions(steps=1))
 
 
 # ---------------------------------------------------------------------------------- distillation
 def test_distill_reduces_loss_and_keeps_the_graph() -> None:
     model, x = _chain(8)
     pruned = onnxprune.slim(model, 0.5, calibration=CalibrationSet("x", [x], [], None, []), round_to=1).model
-    out, record = distill(model, pruned, "x", [x[:16], x[16:]], steps=60, lr=1e-3)
+    out, record = distill(model, pruned, "x", [x[:16], x[16:]], DistillOptions(steps=60, lr=1e-3))
     assert isinstance(out, ir.Model)
-    assert record["final_loss"] < record["initial_loss"], record
+    assert record.final_loss < record.initial_loss, record
     proto = ir.to_proto(out)
     onnx.checker.check_model(proto)
     assert interface(proto) == interface(model)
@@ -281,3 +281,30 @@ def test_distill_reduces_loss_and_keeps_the_graph() -> None:
     ref = run(model, {"x": x})[0]
     before, after = run(pruned, {"x": x})[0], run(proto, {"x": x})[0]
     assert np.mean((after - ref) ** 2) < np.mean((before - ref) ** 2)
+
+
+def test_distill_keeps_the_starting_weights_when_held_out_loss_only_rises() -> None:
+    """Keep-best: a learning rate that wrecks the model leaves it as it came (step 0 is the best)."""
+    model, x = _chain(8)
+    pruned = ir.from_proto(onnxprune.slim(model, 0.5, calibration=CalibrationSet("x", [x], [], None, []),
+                                          round_to=1).model)
+    out, record = distill(model, pruned, "x", [x[:24]], DistillOptions(steps=20, lr=50.0, eval_every=5), held=x[24:])
+    assert record.best_step == 0 and not record.improved(), record
+    assert record.held_out_best == record.held_out_initial
+    got = {n: v.const_value.numpy() for n, v in out.graph.initializers.items()}
+    for n, v in pruned.graph.initializers.items():
+        assert np.array_equal(got[n], v.const_value.numpy()), n
+
+
+def test_slim_distils_on_the_feature_maps_of_the_prepared_original() -> None:
+    """Through slim: the Conv outputs both graphs have are matched on their kept channels, the held-out
+    samples pick the weights, and the held-out fidelity is no worse than the refit alone."""
+    model, x = _chain(8)
+    data = CalibrationSet("x", [x], [], None, [])
+    refit = onnxprune.slim(model, 0.5, calibration=data, round_to=1)
+    tuned = onnxprune.slim(model, 0.5, calibration=data, round_to=1, finetune_steps=40)
+    f = tuned.report.finetune
+    assert f.feature_maps >= 2 and f.held_out_initial is not None and f.steps == 40
+    assert f.held_out_best <= f.held_out_initial
+    assert tuned.fidelity.headline()[1] >= refit.fidelity.headline()[1] - 1e-6
+    assert "feature maps matched" in tuned.report.summary()

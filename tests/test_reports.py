@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,17 +17,16 @@ import pytest
 from PIL import Image
 
 import onnxprune
-from onnxprune import plots
+from onnxprune import html_report, plots
 from onnxprune.bench import netscore
 from onnxprune.calibration import CalibrationSet
 from onnxprune.check import check
 from onnxprune.cli import main
-from onnxprune.html_report import detection_overlay, write_report
+from onnxprune.html_report import detection_overlay, write_files, write_report
 from onnxprune.sample_models import GENERATED
 
 SCHEMA = json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json").read_text())
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_mpl = pytest.mark.skipif(not plots.available(), reason="matplotlib not installed (pip install 'onnxprune[report]')")
 
 
 @pytest.fixture(scope="module")
@@ -71,66 +72,111 @@ def _has_colour(rgb: np.ndarray, hex_colour: str, tol: int = 30, min_pixels: int
     return int((np.abs(rgb.astype(int) - target).max(axis=-1) <= tol).sum()) >= min_pixels
 
 
-# ------------------------------------------------------------------------------------------------ PNG charts
-@needs_mpl
+# ----------------------------------------------------------------------------------- charts: SVG and PNG
+def _charts_in(page: Path) -> list[str]:
+    """The PNG named by each chart inlined in report.html, in page order."""
+    html = page.read_text(encoding="utf-8")
+    figures = re.findall(r'<figure class="chart" id="chart-(\w+)" data-png="(\w+\.png)"><svg ', html)
+    assert all(f"{name}.png" == png for name, png in figures), figures
+    assert html.count('<figure class="chart"') == len(figures)
+    return [png for _, png in figures]
+
+
 def test_slim_report_charts(slimmed, tmp_path: Path) -> None:
-    written = plots.write_charts(slimmed.report, tmp_path)
-    assert sorted(p.name for p in written) == ["channels.png", "sensitivity.png"]
+    page, written = write_files(slimmed.report, tmp_path)
+    assert [p.name for p in written] == ["channels.png", "sensitivity.png"]
     for p in written:
         rgb = _picture(p)
         assert rgb.shape[0] > 200 and rgb.shape[1] > 400 and not _blank(rgb)
     # the "after" bars are drawn in the first palette colour, the "before" bars in light blue
     channels = _picture(tmp_path / "channels.png")
     assert _has_colour(channels, plots.PALETTE[0]) and _has_colour(channels, "#c6dbef")
+    # each chart once in the page, as inline SVG, and once beside it, as a PNG of the same figure
+    assert _charts_in(page) == [p.name for p in written]
+    html = page.read_text(encoding="utf-8")
+    assert "<?xml" not in html and "<!DOCTYPE svg" not in html
+    assert "http" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")  # no asset, no metadata URL
+    assert html.count("<svg") == 2 and f'fill: {plots.PALETTE[0]}' in html  # the same bars, drawn by matplotlib
+    ids = re.findall(r' id="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), "two inline charts share an id"
 
 
-@needs_mpl
+def test_every_chart_is_drawn_once_for_the_page_and_its_png(slimmed, tmp_path: Path, monkeypatch) -> None:
+    drawn: list[str] = []
+    for name in ("channel_bars", "sensitivity_curves"):
+        def counted(*args, _draw=getattr(plots, name), _name=name, **kwargs):
+            drawn.append(_name)
+            return _draw(*args, **kwargs)
+        monkeypatch.setattr(plots, name, counted)
+    page, pngs = html_report.write_files(slimmed.report, tmp_path)  # what the CLI does
+    assert sorted(drawn) == ["channel_bars", "sensitivity_curves"]
+    assert _charts_in(page) == [p.name for p in pngs]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["channels.png", "report.html", "sensitivity.png"]
+
+
+def test_report_renders_byte_identical_twice(slimmed, tmp_path: Path) -> None:
+    photo = np.random.default_rng(0).uniform(0, 255, (48, 64, 3))
+    preview = detection_overlay(photo, np.array([[5, 5, 40, 40, 0.9]]), np.array([[8, 6, 44, 42, 0.8]]))
+    data = slimmed.report.to_dict()
+    a, b = html_report.render(data, preview), html_report.render(data, preview)  # two drawings, no cache
+    assert a.html == b.html and a.pngs == b.pngs
+    assert sorted(a.pngs) == ["channels.png", "detections.png", "sensitivity.png"]
+    assert "<dc:date>" not in a.html and "Matplotlib v" not in a.html  # no date, no library version
+    assert not any(b"Software" in png or b"matplotlib" in png.lower() for png in a.pngs.values())
+    first = write_report(slimmed.report, tmp_path / "a", preview)
+    second = write_report(slimmed.report, tmp_path / "b", preview)
+    for name in ("report.html", "channels.png", "sensitivity.png", "detections.png"):
+        assert (first.parent / name).read_bytes() == (second.parent / name).read_bytes(), name
+
+
 def test_detection_chart_draws_both_models_boxes(tmp_path: Path) -> None:
     photo = np.full((120, 160, 3), 128.0)  # grey, so box colours stand out (one black and one white pixel
     photo[0, 0], photo[0, 1] = 0, 255       # keep the chart's min-max normalisation from stretching it)
     ref = np.array([[20, 20, 70, 90, 0.9]])
     got = np.array([[80, 30, 140, 100, 0.8]])
     preview = detection_overlay(photo, ref, got)
-    assert preview.startswith("<svg") and preview.count("<rect") == 2  # still the HTML's SVG
-    (only,) = plots.write_charts({"kind": "quantize"}, tmp_path, preview)
+    assert preview.startswith("<svg") and preview.count("<rect") == 2  # the page's overlay, not a chart
+    (only,) = html_report.write_files({"kind": "photo"}, tmp_path, preview)[1]  # a section without charts
     rgb = _picture(only)
     assert only.name == "detections.png" and _has_colour(rgb, "#2ca02c") and _has_colour(rgb, "#d62728")
-    no_boxes = plots.detections(photo, ref, np.zeros((0, 5)), tmp_path / "none.png")
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert preview in page and _charts_in(tmp_path / "report.html") == []
+    no_boxes = plots.save_png(plots.detections(photo, ref, np.zeros((0, 5))), tmp_path / "none.png")
     assert not _has_colour(_picture(no_boxes), "#d62728", min_pixels=400)  # only the legend's red line
 
 
-@needs_mpl
 def test_sweep_charts_and_frontier(tmp_path: Path) -> None:
     rows = [{"model": "/m/a.onnx", "ratio": r, "achieved_ratio": r, "criterion": "l1", "int8": False, "status": "ok",
              "fidelity": f, "latency_ratio": lat, "pareto": p}
             for r, f, lat, p in ((0.3, 0.99, 0.8, True), (0.5, 0.95, 0.6, True), (0.69, 0.80, 0.65, False))]
     rows.append({"model": "/m/a.onnx", "ratio": 0.9, "criterion": "l1", "status": "failed", "fidelity": None})
-    written = plots.write_charts({"kind": "sweep", "rows": rows}, tmp_path)
-    assert sorted(p.name for p in written) == ["fidelity_vs_ratio.png", "frontier.png"]
+    sweep = {"kind": "sweep", "rows": rows, "executor": "local", "workers": 1, "outdir": "sweep"}
+    written = html_report.write_files(sweep, tmp_path)[1]
+    assert [p.name for p in written] == ["fidelity_vs_ratio.png", "frontier.png"]
     assert not any(_blank(_picture(p)) for p in written)
-    frontier = plots.fidelity_latency_frontier(
+    assert _charts_in(tmp_path / "report.html") == [p.name for p in written]
+    frontier = plots.save_png(plots.fidelity_latency_frontier(
         [{"label": "a", "fidelity": 0.9, "latency_ratio": 0.5, "pareto": True},
-         {"label": "b", "fidelity": None, "latency_ratio": 0.4, "pareto": False}], tmp_path / "f.png")
+         {"label": "b", "fidelity": None, "latency_ratio": 0.4, "pareto": False}]), tmp_path / "f.png")
     assert _has_colour(_picture(frontier), plots.PALETTE[3], min_pixels=20)  # the Pareto point
 
 
-@needs_mpl
 def test_charts_are_byte_identical_for_the_same_data(slimmed, tmp_path: Path) -> None:
-    a = plots.channel_bars(slimmed.report.to_dict()["layers"], tmp_path / "a.png")
-    b = plots.channel_bars(slimmed.report.to_dict()["layers"], tmp_path / "b.png")
+    layers = slimmed.report.to_dict()["layers"]
+    a = plots.save_png(plots.channel_bars(layers), tmp_path / "a.png")
+    b = plots.save_png(plots.channel_bars(layers), tmp_path / "b.png")
     assert a.read_bytes() == b.read_bytes()
+    assert plots.svg_text(plots.channel_bars(layers)) == plots.svg_text(plots.channel_bars(layers))
 
 
-def test_without_matplotlib_the_html_is_written_with_a_one_line_note(files, tmp_path: Path, capsys,
-                                                                    monkeypatch) -> None:
-    monkeypatch.setattr(plots, "available", lambda: False)
+def test_without_matplotlib_the_report_is_one_error_line(files, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     rep = tmp_path / "rep"
     assert main(["bench", str(files["model"]), str(files["slim"]), "--runs", "3", "--warmup", "0",
-                 "--report", str(rep)]) == 0
+                 "--report", str(rep)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("onnxprune: note: matplotlib is not installed"), err
-    assert sorted(p.name for p in rep.iterdir()) == ["report.html"]
-    assert "<h3>Latency</h3><svg" in (rep / "report.html").read_text(encoding="utf-8")
+    assert len(err) == 1 and err[0].startswith("onnxprune: error: the report's charts need matplotlib"), err
+    assert not rep.exists() or not any(rep.iterdir())
 
 
 # --------------------------------------------------------------------------------------- bench/check JSON
@@ -150,8 +196,8 @@ def test_bench_json_with_accuracy_validates_and_scores(files, tmp_path: Path, ca
         assert r["min_ms"] <= r["median_ms"] <= r["p90_ms"] and r["peak_mem_mb"] >= 0
         assert r["file_bytes"] > 0 and r["float_nodes"] > 0 and r["int8_nodes"] == 0
     assert rows[1]["params"] < rows[0]["params"] and rows[1]["file_bytes"] < rows[0]["file_bytes"]
-    if plots.available():
-        assert sorted(p.name for p in rep.iterdir()) == ["latency.png", "report.html"]
+    assert sorted(p.name for p in rep.iterdir()) == ["latency.png", "report.html"]
+    assert _charts_in(rep / "report.html") == ["latency.png"]
     for bad in ("0.9,0.8,0.7", "1.5", "x"):
         assert main(["bench", str(files["model"]), str(files["slim"]), "--accuracy", bad, "-q"]) == 2
         err = capsys.readouterr().err.strip()
@@ -177,8 +223,7 @@ def test_check_json_validates_and_carries_latency(files, tmp_path: Path) -> None
     lat = data["latency"]
     assert lat["threads"] == 1 and len(lat["median_ms"]) == 2 and all(m > 0 for m in lat["median_ms"])
     assert lat["input_shapes"] == {"input": [1, 3, 32, 32]}
-    if plots.available():
-        assert (rep / "latency.png").exists()
+    assert _charts_in(rep / "report.html") == ["latency.png"] and (rep / "latency.png").exists()
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**data, "exit_code": 2}, SCHEMA)  # 2 is a usage error: no report is written
 

@@ -52,6 +52,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..bench import interleaved_times
 from ..errors import ConfigError
 from ..graph.io import ModelLike, load_proto
+from ..graph import runtime
 from ..graph.shapes import Shape, infer_concrete_shapes, random_inputs
 from ..graph.skeleton import skeleton
 from ..progress import Progress, log_progress
@@ -103,19 +104,11 @@ class LatencyTarget:
         object.__setattr__(self, "int8", bool(self.int8))
 
     def session(self, model: onnx.ModelProto, *, profile_dir: str | None = None) -> ort.InferenceSession:
-        """A session on this target (ORT_ENABLE_ALL; CPU appended as fallback), optionally profiling."""
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        if self.threads > 1:  # idle workers spinning between runs would steal the cores being measured
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if profile_dir is not None:
-            opts.enable_profiling = True
-            opts.profile_file_prefix = os.path.join(profile_dir, "layer")
-        chain = list(self.providers) + ["CPUExecutionProvider"] * ("CPUExecutionProvider" not in self.providers)
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=chain)
+        """A session on this target (ORT_ENABLE_ALL; CPU appended as fallback), optionally profiling;
+        idle workers do not spin between runs: they would steal the cores being measured."""
+        return runtime.session(model, self.threads, providers=self.providers, spinning=False,
+                               profile_prefix=os.path.join(profile_dir, "layer") if profile_dir is not None else None,
+                               big_by_path=False)
 
 
 # ----------------------------------------------------------------------------------------------- layer specs

@@ -10,7 +10,9 @@ import onnx
 from ..errors import ConfigError
 from ..detection import per_image, recognize
 from ..fidelity import FidelityReport, evaluate, resolve_task, verification
+from ..verification import verify_identities
 from ..graph.runtime import check_batch, pieces, run_all, session
+from ..report import CalibrationReport
 from .data import CalibrationSet
 
 
@@ -68,8 +70,9 @@ class CalibrationSplit:
         report.held_out = bool(len(self.held))
         if self.identities is not None and report.embedding is not None:
             x, labels = self.identities
-            report.verification_ref = verification(_embed(ref_sess, original, self.input_name, x), labels)
-            report.verification_got = verification(_embed(new_sess, original, self.input_name, x), labels)
+            before, after = (_embed(s, original, self.input_name, x) for s in (ref_sess, new_sess))
+            report.verification_ref, report.verification_got = verification(before, labels), verification(after, labels)
+            report.verification = verify_identities(before, after, labels)
         self.preview = ""
         heads = recognize(names, ref, hw, len(data)) if report.detection_ap is not None else None
         if heads is not None and data.ndim == 4:
@@ -79,11 +82,12 @@ class CalibrationSplit:
             self.preview = _detection_preview(channels_last, r, g, self.source.preprocess)
         return report
 
-    def describe(self) -> dict:
-        return {"samples": len(self.fit) + len(self.held), "fit": len(self.fit), "held_out": len(self.held),
-                "files": self.source.files[:3] + (["..."] if len(self.source.files) > 3 else []),
-                "preprocess": str(self.source.preprocess) if self.source.preprocess else "array, used as is",
-                "notes": list(self.source.notes)}
+    def describe(self) -> CalibrationReport:
+        return CalibrationReport(
+            samples=len(self.fit) + len(self.held), fit=len(self.fit), held_out=len(self.held),
+            files=self.source.files[:3] + (["..."] if len(self.source.files) > 3 else []),
+            preprocess=str(self.source.preprocess) if self.source.preprocess else "array, used as is",
+            notes=list(self.source.notes))
 
 
 def check_task(original: onnx.ModelProto, data: CalibrationSet, task: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import onnx_ir as ir
 
-from .model import AxisEdit, BiasFold, GroupEdit
+from .model import AxisEdit, BiasFold, ChannelMap, GroupEdit
 from .tracer import Tracer
 
 Rule = Callable[[ir.Node, Tracer], None]
@@ -126,38 +126,49 @@ def conv(node: ir.Node, t: Tracer) -> None:
         t.block(m.elems, f"channel axis {m.axis} reaches Conv {node.name} as its channel axis")
         m = None
     g = node.attributes.get_int("group", 1)
+    if g > 1 and W.shape[1] == 1:  # depthwise (with optional channel multiplier): channels pass through
+        _depthwise_conv(node, t, m, w, b, W, g)
+    elif g == 1:
+        _dense_conv(node, t, m, w, b, W.shape[0])
+    else:
+        _grouped_conv(node, t, m, x, w, b, W, g)
+
+
+def _depthwise_conv(node: ir.Node, t: Tracer, m: ChannelMap | None, w: ir.Value, b: ir.Value | None,
+                    W: np.ndarray, g: int) -> None:
+    cout = W.shape[0]
+    mult = cout // g
+    if m is None:
+        return  # depthwise over the graph input: its channels are the input's, never pruned
+    elems = np.repeat(m.elems, mult)
+    t.slot(node, w, 0, elems, "param")
+    if b is not None:
+        t.slot(node, b, 0, elems, "param")
+    t.group_edits.append(GroupEdit(node.name, m.elems, g))
+    cin = np.repeat(m.const, mult)
+    bias = t.const(b).astype(np.float64) if b is not None else np.zeros(cout)
+    ksum = W.reshape(cout, -1).sum(axis=1).astype(np.float64)
+    const = np.where(cin == 0, bias, cin * ksum + bias)
+    if _padded(node):  # a constant plane convolved with zero padding differs at the borders
+        t.approximate(elems[~np.isnan(cin) & (cin != 0)])
+    t.set_map(node, node.outputs[0], 1, elems, const)
+
+
+def _dense_conv(node: ir.Node, t: Tracer, m: ChannelMap | None, w: ir.Value, b: ir.Value | None, cout: int) -> None:
+    elems = t.fresh(cout)
+    t.slot(node, w, 0, elems, "out")
+    if b is not None:
+        t.slot(node, b, 0, elems, "bias")
+    if m is not None:
+        _consume(t, node, m, w, 1, "conv", exact=not _padded(node), can_fold=_bias_foldable(node, b), bias=b)
+    t.set_map(node, node.outputs[0], 1, elems, _source_const(t, b, cout))
+
+
+def _grouped_conv(node: ir.Node, t: Tracer, m: ChannelMap | None, x: ir.Value, w: ir.Value, b: ir.Value | None,
+                  W: np.ndarray, g: int) -> None:
+    """Prune the same index in every group, so the group count stays valid."""
     cout, cin_g = W.shape[0], W.shape[1]
-    out = node.outputs[0]
-    padded = _padded(node)
-    if g > 1 and cin_g == 1:  # depthwise (with optional channel multiplier): channels pass through
-        mult = cout // g
-        if m is None:
-            return  # depthwise over the graph input: its channels are the input's, never pruned
-        elems = np.repeat(m.elems, mult)
-        t.slot(node, w, 0, elems, "param")
-        if b is not None:
-            t.slot(node, b, 0, elems, "param")
-        t.group_edits.append(GroupEdit(node.name, m.elems, g))
-        cin = np.repeat(m.const, mult)
-        bias = t.const(b).astype(np.float64) if b is not None else np.zeros(cout)
-        ksum = W.reshape(cout, -1).sum(axis=1).astype(np.float64)
-        const = np.where(cin == 0, bias, cin * ksum + bias)
-        if padded:  # a constant plane convolved with zero padding differs at the borders
-            t.approximate(elems[~np.isnan(cin) & (cin != 0)])
-        t.set_map(node, out, 1, elems, const)
-        return
-    if g == 1:
-        elems = t.fresh(cout)
-        t.slot(node, w, 0, elems, "out")
-        if b is not None:
-            t.slot(node, b, 0, elems, "bias")
-        if m is not None:
-            _consume(t, node, m, w, 1, "conv", exact=not padded, can_fold=_bias_foldable(node, b), bias=b)
-        t.set_map(node, out, 1, elems, _source_const(t, b, cout))
-        return
-    # Grouped conv: prune the same index in every group, so the group count stays valid.
-    cout_g = cout // g
-    elems = np.tile(t.fresh(cout_g), g)
+    elems = np.tile(t.fresh(cout // g), g)
     t.slot(node, w, 0, elems, "out")
     if b is not None:
         t.slot(node, b, 0, elems, "bias")
@@ -170,16 +181,17 @@ def conv(node: ir.Node, t: Tracer) -> None:
         if np.isnan(c).any():
             t.block(m.elems[np.isnan(c)], f"channel is not constant when masked, read by {node.name}")
         nz = ~np.isnan(c) & (c != 0)
+        exact = not _padded(node)
         if _bias_foldable(node, b):
             t.consumers.append(BiasFold(node.name, "grouped", w.name, 1, m.elems, np.arange(len(c)), c,
-                                        b.name if b is not None else None, not padded, x.name))
+                                        b.name if b is not None else None, exact, x.name))
         if nz.any():
             if _bias_foldable(node, b):
                 t.fold(BiasFold(node.name, "grouped", w.name, 1, m.elems[nz], np.flatnonzero(nz), c[nz],
-                                b.name if b is not None else None, exact=not padded))
+                                b.name if b is not None else None, exact=exact))
             else:
                 t.block(m.elems[nz], f"masked channel carries a constant that {node.name} cannot absorb")
-    t.set_map(node, out, 1, elems, _source_const(t, b, cout))
+    t.set_map(node, node.outputs[0], 1, elems, _source_const(t, b, cout))
 
 
 @rule("ConvTranspose")

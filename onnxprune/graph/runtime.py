@@ -1,4 +1,4 @@
-"""Running a model in ONNX Runtime the way every stage does: one session recipe, one batching rule."""
+"""Running a model in ONNX Runtime the way every stage does: one session builder, one batching rule."""
 
 from __future__ import annotations
 
@@ -34,29 +34,54 @@ def use_threads(n: int) -> None:
     _default_threads = max(0, int(n))
 
 
-def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, optimize: bool = True
-            ) -> ort.InferenceSession:
-    """A quiet CPU session; ``threads`` > 0 pins the intra-op pool (benchmarks and checks use 1).
+CPU = "CPUExecutionProvider"
 
-    A path lets ORT read external data itself, without a serialised copy of the weights; a big
-    ModelProto is written to a temporary folder and opened the same way.
+
+def session(model: onnx.ModelProto | str | os.PathLike, threads: int = 0, *, optimize: bool = True,
+            providers: Sequence[str] = (CPU,), spinning: bool = True, optimized_path: str | None = None,
+            profile_prefix: str | None = None, big_by_path: bool = True) -> ort.InferenceSession:
+    """A quiet session: every ONNX Runtime session onnxprune opens is made here.
+
+    ``threads`` > 0 pins the intra-op pool to that many threads and the inter-op pool to one
+    (benchmarks and checks use 1); 0 takes :func:`use_threads`' default. ``optimize`` False turns
+    ORT's graph optimisations off. ``providers`` are tried in order, CPU appended as the fallback.
+    ``spinning`` False stops idle intra-op workers spinning between runs (with more than one thread):
+    timed side by side, that spinning would steal cores from the next model. ``optimized_path``
+    saves the graph ORT optimised; ``profile_prefix`` turns ORT's profiler on, writing there.
+
+    A path lets ORT read external data itself, without a serialised copy of the weights; a
+    ModelProto above :data:`BY_PATH_BYTES` is written to a temporary folder and opened the same way
+    (``big_by_path`` False: passed as serialised bytes whatever its size).
     """
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    threads = threads or _default_threads
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts = _options(threads or _default_threads, optimize, spinning, optimized_path, profile_prefix)
+    chain = list(providers) + [CPU] * (CPU not in providers)
     if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-    if model.ByteSize() <= BY_PATH_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model), opts, providers=chain)
+    if not big_by_path or model.ByteSize() <= BY_PATH_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=chain)
     with tempfile.TemporaryDirectory(prefix="onnxprune-session-", ignore_cleanup_errors=True) as tmp:
         path = Path(tmp) / "model.onnx"
         ir.save(ir.from_proto(model), path, external_data="model.onnx.data")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=chain)
+
+
+def _options(threads: int, optimize: bool, spinning: bool, optimized_path: str | None,
+             profile_prefix: str | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if not spinning and threads > 1:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
+    return opts
 
 
 def batch_size(model: onnx.ModelProto | ir.Model, input_name: str | None = None) -> int | None:

@@ -16,17 +16,17 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 
-from ..calibration.activations import stream
 from ..errors import ConfigError
 from ..graph.shapes import graph_inputs
+from ..progress import Progress, quiet
 from . import ranges as R
+from .ranges import activation_tensors  # noqa: F401 - re-exported: it lived here
 
-THRESHOLDS = ("mse", "minmax", "percentile", "ort-minmax", "ort-percentile", "ort-entropy", "trained")
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
                  "MatMulInteger", "DynamicQuantizeLinear", "QGemm", "QLinearAdd"}
 
@@ -103,33 +103,12 @@ def _working_dir(path: str):
         os.chdir(previous)
 
 
-def activation_tensors(model: onnx.ModelProto) -> list[str]:
-    """Float tensors that may carry quantization parameters: real inputs and node outputs."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in
-             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    names = [i.name for i in graph_inputs(model)] + [o for n in model.graph.node for o in n.output if o]
-    return [n for n in names if types.get(n, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
-
-
 def compute_ranges(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray], method: str,
-                   progress: Callable[[str], None] | None = None) -> dict[str, tuple[float, float]]:
-    """Per-tensor (rmin, rmax) by ``method`` (minmax, percentile, mse), streaming over ``batches``."""
-    names = activation_tensors(model)
-    say = progress or (lambda _: None)
-
-    def run(consume):
-        stream(model, names, input_name, batches, consume)
-
-    say("activation ranges: min/max pass")
-    minmax = R.minmax_pass(run, names)
-    if method == "minmax":
-        return minmax
-    say("activation ranges: histogram pass")
-    hists = R.histogram_pass(run, minmax)
-    pick = R.mse_range if method == "mse" else R.percentile_range
-    unbounded = {n: r for n, r in minmax.items() if n not in hists}  # inf/NaN seen: kept so they stay float
-    return {n: pick(h) for n, h in hists.items()} | unbounded
+                   progress: Progress | None = None) -> dict[str, tuple[float, float]]:
+    """Per-tensor (rmin, rmax) by the calibrator ``method`` (``calibrators.CALIBRATORS``), over ``batches``."""
+    from .calibrators import make_calibrator
+    stats = R.ActivationStats(model, input_name, batches, progress or quiet)
+    return make_calibrator(method).ranges(stats)
 
 
 def decode_tail(model: onnx.ModelProto) -> list[str]:
@@ -175,35 +154,36 @@ class _Reader:
 
 def quantize_qdq(model: onnx.ModelProto, input_name: str, batches: Sequence[np.ndarray], *, thresholds: str = "mse",
                  ranges: dict[str, tuple[float, float]] | None = None, per_channel: bool = True,
-                 exclude_nodes: Sequence[str] = (), progress: Callable[[str], None] | None = None
+                 exclude_nodes: Sequence[str] = (), progress: Progress | None = None
                  ) -> tuple[onnx.ModelProto, QuantizeRecord]:
-    """QDQ int8 model from a float ``model`` (already pre-processed) and calibration ``batches``."""
+    """QDQ int8 model from a float ``model`` (already pre-processed) and calibration ``batches``.
+
+    ``ranges``: (rmin, rmax) per activation tensor, handed to ORT's quantizer as ``TensorQuantOverrides``;
+    when None, those of the calibrator ``thresholds`` (its name is recorded either way).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     record = QuantizeRecord(thresholds, excluded_nodes=list(exclude_nodes))
-    extra: dict = {"ActivationSymmetric": False, "WeightSymmetric": True}
-    method = CalibrationMethod.MinMax
-    if thresholds.startswith("ort-"):
-        method = {"ort-minmax": CalibrationMethod.MinMax, "ort-percentile": CalibrationMethod.Percentile,
-                  "ort-entropy": CalibrationMethod.Entropy}[thresholds]
-    else:
-        if ranges is None:
-            ranges = compute_ranges(model, input_name, batches, thresholds, progress)
-        ranges, unbounded = _finite(model, ranges)
-        exclude_nodes = [*exclude_nodes, *unbounded]
-        if unbounded:
-            record.excluded_nodes = list(exclude_nodes)
-            record.notes.append(f"{len(unbounded)} nodes kept in float: their activations reach inf or NaN on the "
-                                "calibration data, which no int8 range can hold")
-        record.ranges = ranges
-        extra["TensorQuantOverrides"] = {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                         for n, (lo, hi) in ranges.items()}
+    if ranges is None:
+        ranges = compute_ranges(model, input_name, batches, thresholds, progress)
+    ranges, unbounded = _finite(model, ranges)
+    exclude_nodes = [*exclude_nodes, *unbounded]
+    if unbounded:
+        record.excluded_nodes = list(exclude_nodes)
+        record.notes.append(f"{len(unbounded)} nodes kept in float: their activations reach inf or NaN on the "
+                            "calibration data, which no int8 range can hold")
+    record.ranges = ranges
+    extra: dict = {"ActivationSymmetric": False, "WeightSymmetric": True,
+                   "TensorQuantOverrides": {n: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                            for n, (lo, hi) in ranges.items()}}
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "q.onnx")
         onnx.save(model, src)  # ORT's calibrator reloads the model by path; an in-memory proto trips it
         with _quiet_root_logger():  # ORT logs per-tensor chatter on the root logger
-                quantize_static(src, out, _Reader(input_name, batches), quant_format=QuantFormat.QDQ,
+            # ORT calibrates min/max of every tensor first; the overrides replace what they name.
+            quantize_static(src, out, _Reader(input_name, batches), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=list(exclude_nodes), calibrate_method=method, extra_options=extra)
+                            nodes_to_exclude=list(exclude_nodes), calibrate_method=CalibrationMethod.MinMax,
+                            extra_options=extra)
         return _sorted(onnx.load(out)), record
 
 

@@ -3,16 +3,81 @@
 ONNX Runtime's calibrators pick ranges by fixed rules (MinMax, Percentile, Entropy). Here the
 range of each tensor is chosen to minimise the quantisation error of that tensor itself (``mse``),
 from a histogram accumulated batch by batch; the result is handed to ONNX Runtime's own quantizer
-as ``TensorQuantOverrides``, so the QDQ graph is still written by ORT.
+as ``TensorQuantOverrides``, so the QDQ graph is still written by ORT. :class:`ActivationStats`
+holds the two passes over the data (min/max, then histograms), run once each and only when a
+calibrator (``calibrators.py``) asks for them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
+import onnx
+
+from ..calibration.activations import stream
+from ..graph.shapes import graph_inputs
+from ..progress import Progress, quiet
 
 BINS = 2048
+Range = tuple[float, float]
+
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float tensors that may carry quantization parameters: real inputs and node outputs."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    names = [i.name for i in graph_inputs(model)] + [o for n in model.graph.node for o in n.output if o]
+    return [n for n in names if types.get(n, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT]
+
+
+@dataclass
+class ActivationStats:
+    """The calibration data of a float model (pre-processed for ORT's quantizer) and the statistics
+    calibrators read: every activation tensor's min/max, then its histogram over that range. Each
+    pass runs once, on first use. ``notes``: what calibrators had to report (kept for the report)."""
+
+    model: onnx.ModelProto
+    input_name: str
+    batches: Sequence[np.ndarray]
+    progress: Progress = quiet
+    notes: list[str] = field(default_factory=list)
+    _names: list[str] | None = field(default=None, init=False, repr=False)
+    _minmax: dict[str, Range] | None = field(default=None, init=False, repr=False)
+    _hists: dict[str, TensorHistogram] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        if self._names is None:
+            self._names = activation_tensors(self.model)
+        return self._names
+
+    def minmax(self) -> dict[str, Range]:
+        """(min, max) of every float activation over all batches (inf/NaN included as seen)."""
+        if self._minmax is None:
+            self.progress("activation ranges: min/max pass")
+            self._minmax = minmax_pass(self._stream, self.names)
+        return self._minmax
+
+    def histograms(self) -> dict[str, TensorHistogram]:
+        """A histogram of every tensor with a finite min/max, over that range."""
+        if self._hists is None:
+            minmax = self.minmax()
+            self.progress("activation ranges: histogram pass")
+            self._hists = histogram_pass(self._stream, minmax)
+        return self._hists
+
+    def from_histograms(self, pick: Callable[[TensorHistogram], Range]) -> dict[str, Range]:
+        """``pick``'s range of every histogram; tensors without one (inf/NaN seen) keep their min/max,
+        so they stay float (``qdq._finite``)."""
+        hists = self.histograms()
+        unbounded = {n: r for n, r in self.minmax().items() if n not in hists}
+        return {n: pick(h) for n, h in hists.items()} | unbounded
+
+    def _stream(self, consume: Callable[[dict[str, np.ndarray]], None]) -> None:
+        stream(self.model, self.names, self.input_name, self.batches, consume)
 
 
 @dataclass

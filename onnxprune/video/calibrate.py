@@ -177,84 +177,116 @@ def gate(model, calib, *, options: GateOptions | None = None, preset: str | None
     opts.validate()
     say = progress or log_progress
     proto = load_proto(model)
-    inputs = graph_inputs(proto)
-    if len(inputs) != 1:
-        raise ConfigError(f"the gate needs a single-input detector; this model has {len(inputs)} inputs")
-    if any(n.op_type in ("If", "Loop", "Scan") for n in proto.graph.node):
-        raise ConfigError("models with If/Loop/Scan nodes cannot be gated")
-    input_name = inputs[0].name
-    check_batch(proto, input_name)
+    input_name = _single_input(proto)
     say("loading calibration frames")
     data = load_calibration(calib, proto, count=opts.count, seed=opts.seed, preprocess=preprocess, preset=preset,
                             progress=say)
     if data.preprocess is None:
         raise ConfigError("the gate calibrates on image frames (a folder of images), not on an array")
-    pre = data.preprocess
-    samples = data.samples()
+    pre, samples = data.preprocess, data.samples()
     ref = session(proto, opts.threads)
     names = [o.name for o in ref.get_outputs()]
     first = ref.run(None, {input_name: samples[:1]})
-    heads = recognize(names, first, pre.size, 1)
-    if heads is None:
-        raise ConfigError("the model is not a face detector onnxprune can decode (no RetinaFace, UltraFace, SCRFD or "
-                          "YuNet heads among its outputs): the gate carries a detector's outputs between frames")
+    heads = _detector_heads(names, first, pre)
     image_shape = (1, *samples.shape[1:])
-    shapes = infer_concrete_shapes(proto, {input_name: image_shape})
-    candidates = split_candidates(proto, shapes, image_shape, pre, opts)
+    candidates = split_candidates(proto, infer_concrete_shapes(proto, {input_name: image_shape}), image_shape, pre,
+                                  opts)
     frames = [as_rgb(f) for f in data.files]
-    notes = list(data.notes)
-    if Path(str(calib)).is_dir() and synthetic_note(calib):
-        notes.append(f"the calibration frames are SYNTHETIC ({synthetic_note(calib)})")
-    if len(frames) < 4:
-        notes.append(f"only {len(frames)} calibration frames: the threshold rests on few samples; use 16 or more")
+    notes = list(data.notes) + _frame_notes(calib, frames)
     say("simulating noise and moving faces")
     images = _calibration_images(frames, _objects(frames, samples, ref, heads, names, pre, opts), pre, opts)
-
-    tried: list[SplitCandidate] = []
-    chosen = None
-    for i, cand in enumerate(candidates):
-        say("measuring split points", i + 1, len(candidates))
-        _measure(proto, cand, images, pre, input_name)
-        tried.append(cand)
-        if opts.at is not None or cand.ratio >= SEPARABLE:
-            chosen = cand
-            break
-    if chosen is None:
-        best = max(tried, key=lambda c: c.ratio)
-        raise ConfigError(f"no feature map in the first {opts.max_prefix:.0%} of the model's compute separates a "
-                          f"{opts.min_face} px face appearing or moving from noise on these frames (best: {best.name}, "
-                          f"change/noise {best.ratio:.2f}, {SEPARABLE:g} needed); pass --at TENSOR to gate there "
-                          "anyway, or a larger --min-face")
+    chosen, tried = _choose_split(proto, candidates, images, pre, input_name, opts, say)
     threshold, rate = calibrate_threshold(chosen.noise_ceiling, chosen.change_floor, opts.max_skip)
     if chosen.ratio < SEPARABLE:
         notes.append(f"{chosen.name} does not separate change from noise well (ratio {chosen.ratio:.2f}): the "
                      "threshold sits below the weakest change, so noise will often open the gate")
-
     say("building the gated model")
     spec = GateSpec(split=chosen.name, split_shape=chosen.shape, pool=chosen.pool,
                     weights=tuple(map(float, _weights(chosen))), threshold=threshold, rate=rate,
                     max_skip=opts.max_skip, image_shape=image_shape,
                     output_shapes=tuple(tuple(o.shape) for o in first),
                     recompute=chosen.prefix_share <= RECOMPUTE_SHARE)
-    info = GateInfo(chosen.name, threshold, rate, opts.max_skip, spec.background_shape, tuple(names),
-                    spec.output_shapes, heads, pre,
-                    {"min_face": opts.min_face, "noise_ceiling": chosen.noise_ceiling,
-                     "change_floor": chosen.change_floor, "source": Path(str(model)).name
-                     if isinstance(model, (str, Path)) else ""})
-    metadata = {GATE_METADATA: info.to_json(), **({"onnxprune.preset": preset} if preset else {})}
+    metadata = _gate_metadata(model, spec, chosen, names, heads, pre, opts, preset)
     say("verifying against the original")
-    try:
-        gated, rewrite, times = _build(proto, spec, metadata, samples, input_name, names, opts.threads)
-    except VerificationError:
-        if not spec.recompute:
-            raise
-        spec = replace(spec, recompute=False)  # the branch reads the split from the outer graph instead
-        gated, rewrite, times = _build(proto, spec, metadata, samples, input_name, names, opts.threads)
+    gated, spec, rewrite, times = _build_verified(proto, spec, metadata, samples, input_name, names, opts.threads)
     report = GateReport(str(model) if isinstance(model, (str, Path)) else "model", heads.describe(), len(frames),
                         describe_preprocess(pre), chosen, tried, threshold, rate, opts.max_skip, opts.min_face,
                         opts.noise, *times, prefix_nodes=len(rewrite.record.prefix),
                         head_nodes=len(rewrite.record.head), recompute=spec.recompute, notes=notes)
     return GateResult(gated, report)
+
+
+def _single_input(proto: onnx.ModelProto) -> str:
+    """The detector's one input, refused when the graph cannot be gated."""
+    inputs = graph_inputs(proto)
+    if len(inputs) != 1:
+        raise ConfigError(f"the gate needs a single-input detector; this model has {len(inputs)} inputs")
+    if any(n.op_type in ("If", "Loop", "Scan") for n in proto.graph.node):
+        raise ConfigError("models with If/Loop/Scan nodes cannot be gated")
+    check_batch(proto, inputs[0].name)
+    return inputs[0].name
+
+
+def _detector_heads(names: list[str], first: list[np.ndarray], pre: Preprocess):
+    """The detector heads recognised among the outputs on the first frame; refused when there are none."""
+    heads = recognize(names, first, pre.size, 1)
+    if heads is None:
+        raise ConfigError("the model is not a face detector onnxprune can decode (no RetinaFace, UltraFace, SCRFD or "
+                          "YuNet heads among its outputs): the gate carries a detector's outputs between frames")
+    return heads
+
+
+def _frame_notes(calib, frames: list[np.ndarray]) -> list[str]:
+    """What the report should say about the calibration frames themselves."""
+    notes = []
+    if Path(str(calib)).is_dir() and synthetic_note(calib):
+        notes.append(f"the calibration frames are SYNTHETIC ({synthetic_note(calib)})")
+    if len(frames) < 4:
+        notes.append(f"only {len(frames)} calibration frames: the threshold rests on few samples; use 16 or more")
+    return notes
+
+
+def _choose_split(proto: onnx.ModelProto, candidates: list[SplitCandidate], images: _Images, pre: Preprocess,
+                  input_name: str, opts: GateOptions, say: Progress) -> tuple[SplitCandidate, list[SplitCandidate]]:
+    """The earliest candidate that separates change from noise (``opts.at``: the first, whatever it
+    measures), and every candidate measured up to it; refused when none does."""
+    tried: list[SplitCandidate] = []
+    for i, cand in enumerate(candidates):
+        say("measuring split points", i + 1, len(candidates))
+        _measure(proto, cand, images, pre, input_name)
+        tried.append(cand)
+        if opts.at is not None or cand.ratio >= SEPARABLE:
+            return cand, tried
+    best = max(tried, key=lambda c: c.ratio)
+    raise ConfigError(f"no feature map in the first {opts.max_prefix:.0%} of the model's compute separates a "
+                      f"{opts.min_face} px face appearing or moving from noise on these frames (best: {best.name}, "
+                      f"change/noise {best.ratio:.2f}, {SEPARABLE:g} needed); pass --at TENSOR to gate there "
+                      "anyway, or a larger --min-face")
+
+
+def _gate_metadata(model, spec: GateSpec, chosen: SplitCandidate, names: list[str], heads, pre: Preprocess,
+                   opts: GateOptions, preset: str | None) -> dict[str, str]:
+    """The model metadata the gated runtime reads back (:class:`GateInfo`), and the preset when given."""
+    info = GateInfo(chosen.name, spec.threshold, spec.rate, opts.max_skip, spec.background_shape, tuple(names),
+                    spec.output_shapes, heads, pre,
+                    {"min_face": opts.min_face, "noise_ceiling": chosen.noise_ceiling,
+                     "change_floor": chosen.change_floor, "source": Path(str(model)).name
+                     if isinstance(model, (str, Path)) else ""})
+    return {GATE_METADATA: info.to_json(), **({"onnxprune.preset": preset} if preset else {})}
+
+
+def _build_verified(proto: onnx.ModelProto, spec: GateSpec, metadata: dict[str, str], samples: np.ndarray,
+                    input_name: str, names: list[str], threads: int):
+    """:func:`_build`; when the head branch that recomputes the prefix fails verification, once more with
+    the branch reading the split from the outer graph. Returns the spec that was built too."""
+    try:
+        gated, rewrite, times = _build(proto, spec, metadata, samples, input_name, names, threads)
+    except VerificationError:
+        if not spec.recompute:
+            raise
+        spec = replace(spec, recompute=False)  # the branch reads the split from the outer graph instead
+        gated, rewrite, times = _build(proto, spec, metadata, samples, input_name, names, threads)
+    return gated, spec, rewrite, times
 
 
 def _build(proto: onnx.ModelProto, spec: GateSpec, metadata: dict[str, str], samples: np.ndarray, input_name: str,
