@@ -111,8 +111,8 @@ def compress(model: ModelLike, *, prune: PruneOptions | None = None, quantize: Q
                   criterion=prune.criterion, round_to=prune.round_to, exclude=prune.exclude,
                   input_shapes=dict(prune.input_shapes) or None, min_keep=prune.min_keep, simplify=prune.simplify,
                   calibration=calibration, allocation=prune.allocation, recover=prune.recover, holdout=holdout,
-                  task=task, workers=prune.workers, finetune_steps=prune.finetune_steps, seed=prune.seed, identities=identities,
-                  executor=executor, sparsity=prune.sparsity, progress=say)
+                  task=task, workers=prune.workers, finetune_steps=prune.finetune_steps, seed=prune.seed,
+                  identities=identities, executor=executor, sparsity=prune.sparsity, progress=say)
     if quantize is None:
         return CompressResult(result.model, result.report, result.preview, result.external_data, result.fidelity,
                               result.plan)

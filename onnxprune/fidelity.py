@@ -20,7 +20,7 @@ from .detection import (DetectionHeads, _iou_one, conf_is_softmaxed, decode_reti
                         per_image, prior_boxes, recognize)
 from .errors import ConfigError
 from .records import record_dict
-from .verification import VerificationReport
+from .verification import Verification, VerificationReport
 
 __all__ = [
     "FidelityReport", "OutputFidelity", "average_precision", "conf_is_softmaxed", "decode_retinaface",
@@ -124,7 +124,11 @@ def verification(embeddings: np.ndarray, labels: Sequence[Any], fmr: Sequence[fl
     while the genuine/impostor margin shrinks; FNMR at a fixed FMR shows exactly that.
     """
     from .verification import verify
-    v = verify(embeddings, [str(x) for x in labels], fmr)
+    return verification_dict(verify(embeddings, [str(x) for x in labels], fmr))
+
+
+def verification_dict(v: Verification) -> dict[str, float]:
+    """One model's :class:`~onnxprune.verification.Verification` in the report's ``verification_ref/got`` form."""
     out = {"n_genuine": float(v.genuine), "n_impostor": float(v.impostor), "accuracy": v.accuracy,
            "threshold": v.threshold, "auc": v.auc}
     for (f, fnmr), (_, reached) in zip(v.fnmr_at_fmr, v.fmr_reached):

@@ -45,8 +45,9 @@ def _torch():
 
 def _per_sample(o: Any, n: int) -> Any:
     """``o`` with one leading entry per sample: an output without a batch axis ([A, C], as a batch-1 export
-    that folds the batch into its rows gives, concatenated over samples: [n*A, C]) becomes [n, A, C]."""
-    if o.dim() and o.shape[0] != n and o.shape[0] % n == 0:
+    that folds the batch into its rows gives, concatenated over samples: [n*A, C]) becomes [n, A, C].
+    A numpy array or a torch tensor: the teacher's outputs and the student's."""
+    if o.ndim and o.shape[0] != n and o.shape[0] % n == 0:
         return o.reshape(n, o.shape[0] // n, *o.shape[1:])
     return o
 
@@ -208,17 +209,11 @@ class _Teacher:
         outs = run_all(self.sess, self.input_name, pieces(self.model, [x], self.input_name))
         feats = [outs[self.n_out + k] if f.channels is None else outs[self.n_out + k][:, list(f.channels)]
                  for k, f in enumerate(self.features)]
-        return [_per_sample_np(outs[i], len(x)) for i in self.index], feats
+        return [_per_sample(outs[i], len(x)) for i in self.index], feats
 
     def batched(self, x: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
         parts = [self(x[i:i + BATCH]) for i in range(0, len(x), BATCH)]
         return [np.concatenate(p) for p in zip(*(o for o, _ in parts))], [np.concatenate(p) for p in zip(*(f for _, f in parts))]
-
-
-def _per_sample_np(o: np.ndarray, n: int) -> np.ndarray:
-    if o.ndim and o.shape[0] != n and o.shape[0] % n == 0:
-        return o.reshape(n, o.shape[0] // n, *o.shape[1:])
-    return o
 
 
 class _Student:

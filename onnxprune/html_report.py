@@ -172,14 +172,10 @@ def _section(r: dict, charts: list) -> str:
     return "".join(out)
 
 
-def page_for(report: Any, preview: str = "") -> Page:
-    """:func:`render` of a report object (anything with ``to_dict()``) or dict."""
-    return render(_finite(report.to_dict() if hasattr(report, "to_dict") else dict(report)), preview)
-
-
 def write_files(report: Any, directory: str | Path, preview: str = "") -> tuple[Path, list[Path]]:
-    """Write ``directory/report.html`` and, beside it, the PNG of each chart; returns (page, PNGs)."""
-    page = page_for(report, preview)
+    """Write ``directory/report.html`` and, beside it, the PNG of each chart, for a report object (anything
+    with ``to_dict()``) or its dict; returns (page, PNGs)."""
+    page = render(_finite(report.to_dict() if hasattr(report, "to_dict") else dict(report)), preview)
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     pngs = [write_bytes_atomic(data, d / name) for name, data in page.pngs.items()]

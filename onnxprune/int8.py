@@ -166,7 +166,6 @@ class QuantizeReport:
         lines.append(f"time: {self.seconds:.1f} s")
         return "\n".join(lines)
 
-
     def _worst_layers(self, n: int = 5) -> list[str]:
         rows = worst_layers([LayerError(**r) for r in self.layer_errors], n)
         if not rows:

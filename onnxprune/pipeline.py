@@ -23,7 +23,7 @@ from .calibration import CalibrationSet
 from .calibration.split import CalibrationSplit, check_task
 from .bench import netscore
 from .fidelity import TASKS, FidelityReport
-from .finetune import DistillOptions, DistillRecord
+from .finetune import DistillOptions, DistillRecord, distill
 from .channels.analysis import ChannelAnalysis, analyze_channels
 from .errors import ConfigError, NothingToPruneError, TargetUnreachableError
 from .executors import TaskExecutor
@@ -125,7 +125,6 @@ def prepare(model: ModelLike, *, input_shapes: Mapping[str, Shape] | None = None
     else:
         m = source.ir_model()  # from a path: external weights memory-mapped, read when a pass needs them
     say("canonicalising graph")
-
     clean, fold = Cleanup(), FoldBatchNorm()
     m = run_composed(ir.passes.PassManager([clean, fold]), m).model  # each pass keeps its record
     steps += [f"cleanup: {p}" for p in clean.record.passes]
@@ -416,7 +415,6 @@ def _distill(ctx: StageContext, prep: Prepared, model: ir.Model, keep: dict[str,
              previous: DistillRecord | None, warns: list[str]) -> tuple[ir.Model, DistillRecord]:
     """Distil on the fitting samples (augmented; outputs and feature maps of the prepared original);
     the held-out samples keep the best weights, so a model is never handed back worse than it came."""
-    from .finetune import distill
     calib = ctx.calib
     tuned, record = distill(prep.original, model, calib.input_name, calib.batches, replace(ctx.distill, steps=steps),
                             held=calib.held, reference=ctx.reference, keep=keep, progress=ctx.say)

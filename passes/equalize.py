@@ -74,9 +74,8 @@ class Equalize(CheckedPass, ir.passes.FunctionalPass):
     """Equalise channel ranges across every eligible conv pair, ``rounds`` times; the input model is not modified."""
 
     def __init__(self, rounds: int = 4, *, check: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         self.rounds = rounds
-        self.check = check
 
     def call(self, model: ir.Model) -> EqualizeResult:
         model = model.clone()  # tensors shared: this pass replaces them, never edits them

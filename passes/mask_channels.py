@@ -32,10 +32,9 @@ class MaskChannels(CheckedPass, ir.passes.FunctionalPass):
     """Zero the units ``removed`` (ids of ``analysis``) at their producers; the input model is not modified."""
 
     def __init__(self, analysis: ChannelAnalysis, removed: set[int] | list[int], *, check: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         self.analysis = analysis
         self.removed = tuple(sorted(set(int(u) for u in removed)))
-        self.check = check
 
     def call(self, model: ir.Model) -> MaskResult:
         model = ir.from_proto(ir.to_proto(model))

@@ -73,13 +73,12 @@ class Reconstruct(CheckedPass, ir.passes.FunctionalPass):
                  batches: Iterable[np.ndarray], *, changed: Collection[str] = (), ridge: float = 1e-3,
                  rows_per_image: int = 256, seed: int = 0, min_rows_per_unknown: float = 4.0,
                  keep_out: Mapping[str, np.ndarray] | None = None, check: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         self.original, self.analysis, self.removed = original, analysis, removed
         self.input_name, self.batches = input_name, batches
         self.changed, self.keep_out = changed, keep_out
         self.ridge, self.rows_per_image, self.seed = ridge, rows_per_image, seed
         self.min_rows_per_unknown = min_rows_per_unknown
-        self.check = check
         self.check_shapes = shapes_of(input_name, batches)
 
     def call(self, model: ir.Model) -> ReconstructResult:
@@ -223,14 +222,6 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
         targets.append(_Target(node.name, kind, node.inputs[0].name, out_name, keep, w.name, bias,
                                bool(node.attributes.get_int("transB", 0))))
     return targets
-
-
-def _input_rows(t: _Target, node: ir.Node, x: np.ndarray, idx: np.ndarray | None, out_hw: tuple[int, int]
-                ) -> np.ndarray:
-    """``t``'s input rows at the sampled output positions: :func:`.rows.input_rows` (this name and signature
-    are what ``tests/test_reconstruct.py`` reads)."""
-    del t  # the node says which kind of layer it is
-    return input_rows(node, x, idx, out_hw)
 
 
 def _solve(model: ir.Model, node: ir.Node, t: _Target, ridge: float, record: ReconstructRecord,

@@ -54,9 +54,8 @@ class ReluActivations(CheckedPass, ir.passes.FunctionalPass):
     not modified. Not function-preserving (see the module doc)."""
 
     def __init__(self, nodes: list[str], *, check: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         self.nodes = list(nodes)
-        self.check = check
 
     def call(self, model: ir.Model) -> ReluResult:
         model = model.clone()

@@ -59,11 +59,10 @@ class RemoveChannels(CheckedPass, ir.passes.FunctionalPass):
     def __init__(self, analysis: ChannelAnalysis, removed: set[int] | list[int], *,
                  input_means: dict[str, np.ndarray] | None = None, check: bool | None = None,
                  check_shapes: Shapes | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         self.analysis = analysis
         self.removed = np.array(sorted(set(int(u) for u in removed)), dtype=np.int64)
         self.input_means = input_means
-        self.check = check
         self.check_shapes = check_shapes
 
     def keep(self, elems: np.ndarray) -> np.ndarray:
@@ -113,7 +112,7 @@ class RemoveChannels(CheckedPass, ir.passes.FunctionalPass):
         return folds + [f for f in analysis.folds if f.node not in covered]
 
     def verify(self, source: ir.Model | None, model: ir.Model) -> None:
-        feeds, got = check_output(model, shapes=self.check_shapes)
+        feeds, got = check_output(model, shapes=self.check_shapes, source=source)
         exact = self.input_means is None and not set(self.removed.tolist()) & set(self.analysis.inexact)
         if feeds is None or source is None or not exact:
             return

@@ -130,14 +130,13 @@ class Sparsify(CheckedPass, ir.passes.FunctionalPass):
                  refit: bool = True, band: float = BAND, executor: TaskExecutor | None = None,
                  workers: int = 2, ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
                  progress: Callable[..., None] | None = None, check: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         check_sparsity(sparsity)
         self.sparsity, self.exclude, self.reference, self.keep_out = sparsity, exclude, reference, keep_out
         self.input_name, self.batches, self.scan_batches = input_name, batches, scan_batches
         self.refit, self.band, self.executor, self.workers = refit, band, executor, workers
         self.ridge, self.rows_per_image, self.seed = ridge, rows_per_image, seed
         self.say = progress or (lambda *a: None)
-        self.check = check
         self.check_shapes = shapes_of(input_name, batches)
 
     def call(self, model: ir.Model) -> SparsifyResult:

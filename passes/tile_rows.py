@@ -82,9 +82,8 @@ class TileRows(CheckedPass, ir.passes.FunctionalPass):
 
     def __init__(self, input_shape: tuple[int, ...] | None = None, *, budget: int = CACHE_BUDGET,
                  strips: int | None = None, check: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(check=check)
         self.input_shape, self.budget, self.strips = input_shape, budget, strips
-        self.check = check
 
     def call(self, model: ir.Model) -> TileResult:
         model = model.clone()
@@ -115,10 +114,9 @@ class TileRows(CheckedPass, ir.passes.FunctionalPass):
 
     def verify(self, source: ir.Model | None, model: ir.Model) -> None:
         """The output is valid and runs, at ``input_shape`` when given (its height may be symbolic)."""
-        del source
         x = _image_input(model.graph)
         shapes = {x.name: self.input_shape} if x is not None and self.input_shape else None
-        check_output(model, shapes=shapes)
+        check_output(model, shapes=shapes, source=source)
 
 
 def tile_rows(model: ir.Model, input_shape: tuple[int, ...] | None = None, *, budget: int = CACHE_BUDGET,

@@ -20,7 +20,7 @@ from onnxprune.passes import (CleanupRecord, Cleanup, Equalize, EqualizeRecord, 
                               ReluActivations, ReluRecord, RemovalRecord, RemoveChannels, Sparsify, SparsifyRecord,
                               TileRecord, TileRows, checks_enabled, cleanup, fold_batchnorm, fusable_activations,
                               remove_channels, run_composed)
-from onnxprune.passes.checks import ENV, random_feeds
+from onnxprune.passes.checks import ENV, check_output, random_feeds
 from onnxprune.passes.gate import GatePass
 from onnxprune.pipeline import prepare
 from onnxprune.sample_models import GENERATED
@@ -260,3 +260,19 @@ def test_passes_import_from_any_working_directory(tmp_path: Path) -> None:
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).resolve() == ROOT / "passes" / "__init__.py"
+
+
+def test_a_shape_the_input_model_cannot_run_is_not_blamed_on_the_pass() -> None:
+    """A 5x5 kernel on a 2x2 input fails in ORT whatever the pass did: with the pass's input given, the
+    run is skipped; without it, or when only the output fails, the check still raises."""
+    w = numpy_helper.from_array(np.ones((1, 1, 5, 5), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1, "h", "w"])], [w])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8))
+    too_small = {"x": (1, 1, 2, 2)}
+    assert check_output(model, shapes=too_small, source=model) == (None, None)
+    with pytest.raises(ir.passes.PostconditionError, match="cannot run the output"):
+        check_output(model, shapes=too_small)
+    feeds, outputs = check_output(model, shapes={"x": (1, 1, 8, 8)}, source=model)
+    assert feeds["x"].shape == (1, 1, 8, 8) and outputs[0].shape == (1, 1, 4, 4)

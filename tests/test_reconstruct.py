@@ -8,6 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxprune.passes import reconstruct as rc
+from onnxprune.passes.rows import input_rows
 
 
 @pytest.mark.parametrize("attrs", [
@@ -32,5 +33,5 @@ def test_refit_rows_are_the_patches_that_make_the_sampled_outputs(attrs: dict) -
     t = rc._Target("conv", "conv", "x", "y", np.ones(5, bool), "w", "b")
     feeds = [rng.standard_normal((2, 4, 15, 13)).astype(np.float32)]
     (idx, hw, Y), = rc._original_rows(model, [t], "x", feeds, per_image=40, seed=0)["conv"]
-    X = rc._input_rows(t, next(iter(model.graph)), feeds[0], idx, hw)
+    X = input_rows(next(iter(model.graph)), feeds[0], idx, hw)
     np.testing.assert_allclose(X @ w.reshape(5, -1).T.astype(np.float64) + b, Y, rtol=1e-4, atol=1e-4)

@@ -48,15 +48,6 @@ def augment(x: np.ndarray, rng: np.random.Generator, spec: Augmentation = Augmen
     return np.stack([_one(s, rng, spec, std) for s in x]).astype(np.float32, copy=False)
 
 
-def expand(x: np.ndarray, copies: int, seed: int = 0, spec: Augmentation = Augmentation()) -> np.ndarray:
-    """``x`` followed by ``copies`` augmented versions of it (``copies`` = 0: ``x`` itself)."""
-    if copies <= 0 or not is_image(x):
-        return x
-    rng = np.random.default_rng(seed)
-    std = float(np.asarray(x).std()) or 1.0
-    return np.concatenate([x] + [augment(x, rng, spec, std) for _ in range(copies)])
-
-
 def mix(x: np.ndarray, rng: np.random.Generator, p: float = 0.5, low: float = 0.6) -> np.ndarray:
     """Mixup without labels: with probability ``p`` a sample becomes ``l*a + (1-l)*b`` with another
     sample ``b`` of the batch, ``l`` uniform in [``low``, 1]. The original model labels the blend, so

@@ -9,7 +9,7 @@ import onnx
 
 from ..errors import ConfigError
 from ..detection import per_image, recognize
-from ..fidelity import FidelityReport, evaluate, resolve_task, verification
+from ..fidelity import FidelityReport, evaluate, resolve_task, verification_dict
 from ..verification import verify_identities
 from ..graph.runtime import check_batch, pieces, run_all, session
 from ..report import CalibrationReport
@@ -71,8 +71,9 @@ class CalibrationSplit:
         if self.identities is not None and report.embedding is not None:
             x, labels = self.identities
             before, after = (_embed(s, original, self.input_name, x) for s in (ref_sess, new_sess))
-            report.verification_ref, report.verification_got = verification(before, labels), verification(after, labels)
-            report.verification = verify_identities(before, after, labels)
+            report.verification = verify_identities(before, after, [str(label) for label in labels])
+            report.verification_ref = verification_dict(report.verification.reference)
+            report.verification_got = verification_dict(report.verification.candidate)
         self.preview = ""
         heads = recognize(names, ref, hw, len(data)) if report.detection_ap is not None else None
         if heads is not None and data.ndim == 4:
