@@ -41,6 +41,7 @@ from .quantization.calibrators import ORT_CALIBRATORS, ActivationStats, make_cal
 from .quantization.qdq import QuantizeRecord, check_float32, decode_tail
 from .quantization.latency import slow_int8_layers
 from .quantization.prelu import PreluChoice, check_prelu_mode, rewrite_prelu
+from .quantization.islands import feeding_layers
 from .quantization.layer_error import WEIGHTED_OPS, LayerError, layer_errors, worst_layers
 from .quantization import (THRESHOLDS, check_not_quantized, int8_kernels, is_int8_kernel, pre_process, quantize_qdq,
                            to_opset13)
@@ -219,6 +220,10 @@ def _relu(graph: ir.Model, exclude: Sequence[str], float_slow_layers: bool, spli
         f"{len(fits.layers)} layers after them refitted; the fidelity above includes this change"] + notes
 
 
+# --max-drop first keeps layers float while each island closes at least this share of the remaining gap
+# to the target, then (PRelu models) tries the more precise PRelu rewrite, then resumes without this rule.
+STALL_SHARE = 0.25
+
 # Tiled and untiled models run the same arithmetic on the same rows; allow float reassociation only.
 TILE_TOLERANCE = 1e-4
 
@@ -294,7 +299,9 @@ def quantize(model: ModelLike, calibration: CalibrationSet, options: QuantizeOpt
     ours = _attempt(run, flt, ranges, flt.excluded, name)
     ours.seconds = time.perf_counter() - began
     best, comparison = _compare_ort(run, flt, ours)
-    best, kept_float = _keep_float(run, flt, best)
+    best, kept_float = _keep_float(run, flt, best, [], stall=STALL_SHARE)
+    flt, best, kept_float = _precise_prelu(run, flt, best, kept_float)
+    _note_drop(run, best, kept_float)
     return _finish(run, flt, best, kept_float, comparison, start)
 
 
@@ -341,6 +348,7 @@ class FloatModel:
     float_ops: list[str]  # the PRelu rewrites' float nodes (exact slopes)
     relu_replaced: list[str]  # LeakyRelu/PRelu made Relu (``relu``)
     prelu: PreluChoice
+    unrewritten: ir.Model  # the graph before the PRelu rewrite (``_precise_prelu`` redoes it)
 
     @property
     def float_nodes(self) -> list[str]:
@@ -359,11 +367,16 @@ def _float_model(run: _Run) -> FloatModel:
     if opts.equalize:
         graph, eq = equalize(graph)
         run.notes.append(f"cross-layer equalisation on {len(eq.pairs)} conv pairs")
-    graph, prelu_done = rewrite_prelu(graph, opts.prelu, split.input_name, split.batches, exclude=opts.exclude,
-                                      progress=say)
-    pre = pre_process(to_opset13(ir.to_proto(graph)))
+    return _with_prelu(run, graph, opts.prelu, replaced)
+
+
+def _with_prelu(run: _Run, graph: ir.Model, mode: str, replaced: list[str]) -> FloatModel:
+    """``graph`` (before any PRelu rewrite) with its PRelu rewritten as ``mode`` says, pre-processed by ORT."""
+    done_graph, prelu_done = rewrite_prelu(graph, mode, run.split.input_name, run.split.batches,
+                                           exclude=run.options.exclude, progress=run.say)
+    pre = pre_process(to_opset13(ir.to_proto(done_graph)))
     float_ops = [n.name for n in pre.graph.node if n.name in set(prelu_done.float_nodes)]  # exact slopes
-    return FloatModel(pre, _kept_float_by_rule(run, pre), float_ops, replaced, prelu_done)
+    return FloatModel(pre, _kept_float_by_rule(run, pre), float_ops, replaced, prelu_done, graph)
 
 
 def _kept_float_by_rule(run: _Run, pre: onnx.ModelProto) -> list[str]:
@@ -382,10 +395,10 @@ def _kept_float_by_rule(run: _Run, pre: onnx.ModelProto) -> list[str]:
     return excluded
 
 
-def _ranges(run: _Run, flt: FloatModel) -> tuple[str, dict[str, tuple[float, float]]]:
-    """(calibrator name, its range per activation tensor of ``flt.pre``)."""
+def _ranges(run: _Run, flt: FloatModel, also_float: Sequence[str] = ()) -> tuple[str, dict[str, tuple[float, float]]]:
+    """(calibrator name, its range per activation tensor of ``flt.pre``), ``also_float`` left float too."""
     calibrator = make_calibrator(run.thresholds, per_channel=run.options.per_channel,
-                                 exclude_nodes=tuple(flt.float_nodes))
+                                 exclude_nodes=(*flt.float_nodes, *also_float))
     stats = ActivationStats(flt.pre, run.split.input_name, run.split.batches, run.say)
     ranges = calibrator.ranges(stats)
     run.notes += stats.notes
@@ -497,22 +510,64 @@ def _why_not_compare(run: _Run, flt: FloatModel, ours: Attempt) -> str | None:
     return None
 
 
-def _keep_float(run: _Run, flt: FloatModel, best: Attempt) -> tuple[Attempt, list[str]]:
-    """``max_drop``: the most harmful layers kept float one at a time until the held-out drop is small enough."""
-    max_drop, kept = run.options.max_drop, []
-    if max_drop is None:
-        return best, kept
-    while 1 - best.fidelity.headline()[1] > max_drop and len(kept) < run.options.max_float_layers:
+def _keep_float(run: _Run, flt: FloatModel, best: Attempt, kept: list[str], *,
+                stall: float | None = None) -> tuple[Attempt, list[str]]:
+    """``max_drop``: the most harmful layers kept float (beyond ``kept``), one island at a time, until the
+    held-out drop is small enough. Each step tries the layer alone and with the layers feeding it
+    (``quantization/islands.py``) and keeps the better-scoring of the two (on a tie, the smaller).
+    ``stall``: stop, without taking it, at a step that closes less than this share of the gap to ``max_drop``."""
+    max_drop, kept = run.options.max_drop, list(kept)
+    while max_drop is not None and 1 - best.score > max_drop and len(kept) < run.options.max_float_layers:
         worst = most_harmful_layer(flt.pre, best.rows, skip=flt.excluded + kept)
         if worst is None:
             break
-        kept.append(worst)
-        run.say(f"keeping {worst} in float ({len(kept)})")
-        best = _attempt(run, flt, best.record.ranges or None, flt.excluded + kept, best.record.thresholds)
-    drop = 1 - best.fidelity.headline()[1]
-    run.notes.append(f"--max-drop {max_drop}: drop {drop:.4f} with {len(kept)} layer(s) kept in float"
-                     + ("" if drop <= max_drop else " (target not reached)"))
+        feeding = [n for n in feeding_layers(flt.pre, worst) if n not in flt.excluded + kept]
+        step = None
+        for island in ([worst], [worst, *feeding]) if feeding else ([worst],):
+            run.say(f"keeping {', '.join(island)} in float ({len(kept) + len(island)})")
+            tried = _attempt(run, flt, best.record.ranges or None, flt.excluded + kept + island,
+                             best.record.thresholds)
+            if step is None or tried.beats(step[1]):
+                step = island, tried
+        if stall is not None and step[1].score - best.score < stall * (1 - best.score - max_drop):
+            break
+        kept += step[0]
+        best = step[1]
     return best, kept
+
+
+def _precise_prelu(run: _Run, flt: FloatModel, best: Attempt,
+                   kept: list[str]) -> tuple[FloatModel, Attempt, list[str]]:
+    """``max_drop`` missed after ``--prelu auto`` chose the Mul+Max rewrite for speed: the absorb rewrite
+    tried too (ReLU fused into doubled convs, so each activation is rounded once, on its ReLU'd range, where
+    Mul+Max rounds the conv output and then the activation), with the same layers float, and kept (and
+    ``_keep_float`` resumed on it) if it scores better held out."""
+    chose_max = flt.prelu.absorb_ratio is not None and not any(p == "absorb" for _, p in flt.prelu.rewritten)
+    if run.options.max_drop is None or not chose_max or 1 - best.score <= run.options.max_drop:
+        return (flt, *_keep_float(run, flt, best, kept))
+    before = list(run.notes)
+    run.say("--max-drop: trying the absorb PRelu rewrite (one rounding per activation)")
+    other = _with_prelu(run, flt.unrewritten, "split", flt.relu_replaced)
+    twins = [n.name for n in other.pre.graph.node if n.name.removesuffix(".neg") in kept and n.name not in kept]
+    name, ranges = _ranges(run, other, kept + twins)
+    run.notes = before + [n for n in run.notes[len(before):] if n not in before]
+    tried = _attempt(run, other, ranges, other.excluded + kept + twins, name)
+    keep = tried.beats(best)
+    run.notes.append(f"--max-drop: PRelu as absorb {tried.score:.5f} vs Mul+Max {best.score:.5f} held out, "
+                     f"{len(kept)} layer(s) float; {'absorb' if keep else 'Mul+Max'} kept")
+    if not keep:
+        return (flt, *_keep_float(run, flt, best, kept))
+    prelu = dataclasses.replace(other.prelu, mode=flt.prelu.mode, timings_ms=flt.prelu.timings_ms,
+                                absorb_ratio=flt.prelu.absorb_ratio)
+    tried, kept = _keep_float(run, other, tried, kept + twins)
+    return dataclasses.replace(other, prelu=prelu), tried, kept
+
+
+def _note_drop(run: _Run, best: Attempt, kept: list[str]) -> None:
+    if run.options.max_drop is not None:
+        drop = 1 - best.score
+        run.notes.append(f"--max-drop {run.options.max_drop}: drop {drop:.4f} with {len(kept)} layer(s) kept in "
+                         "float" + ("" if drop <= run.options.max_drop else " (target not reached)"))
 
 
 def _finish(run: _Run, flt: FloatModel, best: Attempt, kept_float: list[str],

@@ -179,3 +179,24 @@ def test_verification_on_identity_folders(tmp_path: Path) -> None:
     assert sorted(d.identity for d in v.drift) == ["biden", "kit", "obama"]
     assert [d.mean_cosine for d in v.drift] == sorted(d.mean_cosine for d in v.drift)
     assert "accuracy at the original's threshold" in report.summary()
+
+
+@pytest.mark.skipif(not (SHARED / "models" / "mobilefacenet_paddle.onnx").exists(), reason="../shared not available")
+def test_max_drop_keeps_the_recognizer_head_float_and_tries_absorbed_prelu() -> None:
+    """--max-drop on the trained MobileFaceNet: first the global depthwise conv and the conv feeding it
+    float (an island: either alone leaves the embedding far off); when float layers stop paying, the
+    PReLUs absorbed into doubled convs are tried; the embedding holds on 10 crops calibration never saw."""
+    model = onnx.load(str(SHARED / "models" / "mobilefacenet_paddle.onnx"))
+    data = load_calibration(SHARED / "data" / "faces112", model, preset="arcface")
+    x = data.samples()
+    order = np.random.default_rng(123).permutation(len(x))
+    unseen, calib = x[order[:10]], CalibrationSet(data.name, [x[order[10:]]], [], None, [])
+    result = onnxprune.quantize(model, calib, max_drop=0.005, max_float_layers=4, compare_ort=False, tile=False)
+    report = result.report
+    assert report.excluded[:2] == ["Conv.48", "Conv.47"] and len(report.excluded) <= 5, report.excluded
+    tried = next(n for n in report.notes if "PRelu as absorb" in n)
+    absorbed = any(p == "absorb" for _, p in report.prelu["rewritten"])
+    assert absorbed == tried.endswith("absorb kept")
+    a, b = run(model, {data.name: unseen})[0], run(result.model, {data.name: unseen})[0]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.mean() >= 0.985, cos

@@ -211,3 +211,24 @@ def test_layers_slow_in_int8_stay_float() -> None:
     off = quantize(model, _data(model), float_slow_layers=False)
     assert not off.report.excluded and off.report.kernels["QLinearConv"] > result.report.kernels["QLinearConv"]
     assert set(act_of.values()) <= set(result.report.excluded)  # BN folded: the activations follow their conv
+
+
+def test_feeding_layers_walk_back_through_activations_and_stop_at_joins() -> None:
+    """The island of a layer: the weighted layers whose output reaches it through activations only."""
+    from onnxprune.quantization.islands import feeding_layers
+    h, rng = onnx.helper, np.random.default_rng(0)
+    w = lambda n, *s: onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)  # noqa: E731
+    nodes = [h.make_node("Conv", ["x", "w0"], ["a"], name="stem"),
+             h.make_node("Conv", ["a", "w1"], ["b"], name="pw"),
+             h.make_node("Mul", ["b", "slope"], ["bs"], name="prelu.mul"), h.make_node("Max", ["b", "bs"], ["p"],
+                                                                                       name="prelu"),
+             h.make_node("Conv", ["p", "w2"], ["c"], name="dw", group=4),
+             h.make_node("Add", ["c", "a"], ["s"], name="add"),
+             h.make_node("Relu", ["s"], ["r"], name="relu"), h.make_node("Conv", ["r", "w3"], ["y"], name="head")]
+    inits = [w("w0", 4, 3, 1, 1), w("w1", 4, 4, 1, 1), w("w2", 4, 1, 3, 3), w("w3", 2, 4, 1, 1), w("slope", 4, 1, 1)]
+    vi = lambda n, c: h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [1, c, 8, 8])  # noqa: E731
+    model = h.make_model(h.make_graph(nodes, "g", [vi("x", 3)], [vi("y", 2)], initializer=inits))
+    assert feeding_layers(model, "dw") == ["pw"]  # through the PRelu rewrite's Mul/Max
+    assert feeding_layers(model, "pw") == ["stem"]
+    assert feeding_layers(model, "head") == []  # an Add joins two streams: no island through it
+    assert feeding_layers(model, "stem") == [] and feeding_layers(model, "nope") == []
