@@ -8,8 +8,10 @@ original is pooled over the evaluation crops of all folds run.
 
 Rows: `slim --ratio R` with the least-squares refit only, and with `--finetune-steps N`
 (distillation: augmented batches, outputs and feature maps matched, keep-best on the held-out
-quarter); `quantize` (int8) of the original, alone and with `--max-drop 0.01` (the layers that add the most
-error kept in float until the held-out drop is at most 0.01); `slim --ratio 0.5 --finetune-steps N --int8`.
+quarter); `quantize` (int8) of the original: alone, with `--adaround` (weights rounded by each layer's
+output), with `--max-drop 0.01` (float islands around the layers that add the most error, then the
+absorb PRelu rewrite, until the held-out drop is at most 0.01), with trained thresholds too;
+`slim --ratio 0.5 --finetune-steps N --int8`, alone and with `--max-drop 0.01`.
 Speed: ORT CPU, 1 thread, median of interleaved rounds against the fp32 original.
 
     python benchmarks/recognizer_recovery.py [--folds 0,1] [--steps 300] [--ratios 0.3,0.5] [--no-int8]
@@ -57,8 +59,12 @@ def _rows(ratios: list[float], steps: int, int8: bool):
             yield f"slim {r:g}, refit + distil {steps}", PruneOptions(ratio=r, finetune_steps=steps), None
     if int8:
         yield "int8", None, QuantizeOptions()
+        yield "int8 --adaround", None, QuantizeOptions(adaround=True)
         yield "int8 --max-drop 0.01", None, QuantizeOptions(max_drop=0.01)
+        yield "int8 --max-drop 0.01 --thresholds trained", None, QuantizeOptions(max_drop=0.01, thresholds="trained")
         yield f"slim 0.5 + distil {steps} + int8", PruneOptions(ratio=0.5, finetune_steps=steps), QuantizeOptions()
+        yield (f"slim 0.5 + distil {steps} + int8 --max-drop 0.01", PruneOptions(ratio=0.5, finetune_steps=steps),
+               QuantizeOptions(max_drop=0.01))
 
 
 def main() -> int:

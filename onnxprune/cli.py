@@ -342,6 +342,10 @@ def _add_quantize_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
     q.add_argument("--max-drop", type=float, metavar="X",
                    help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
+    q.add_argument("--adaround", action="store_true",
+                   help="round each Conv/Gemm weight up or down by what the layer's output needs on the calibration "
+                        "data (AdaRound, label-free; needs onnxprune[torch]), placed on ONNX Runtime's int8 grid; kept "
+                        "per layer and as a whole only where it lowers the held-out error")
     q.add_argument("--ort-compare", choices=list(ORT_COMPARE), default="auto",
                    help="also make the model with ONNX Runtime's MinMax, Percentile and Entropy ranges and keep the "
                         "best on the held-out samples: auto (default) when there are at least 8 held-out samples and "
@@ -559,7 +563,7 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
     quant = QuantizeOptions(thresholds=args.thresholds, relu=args.relu, tile=not args.no_tile, prelu=args.prelu,
                             **({} if args.command != "quantize" else
                                dict(per_channel=not args.per_tensor, exclude=tuple(args.exclude),
-                                    equalize=not args.no_equalize, max_drop=args.max_drop,
+                                    equalize=not args.no_equalize, max_drop=args.max_drop, adaround=args.adaround,
                                     compare_ort=ORT_COMPARE[args.ort_compare]))) if int8 else None
     prune = None
     if args.command == "slim":

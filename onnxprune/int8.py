@@ -78,6 +78,7 @@ class QuantizeOptions:
     tile: bool = True
     prelu: str = "auto"  # exact PRelu rewrite before int8: auto (timed), split, keep
     compare_ort: bool | None = None  # ORT's MinMax/Percentile/Entropy ranges as candidates; None: when cheap
+    adaround: bool = False  # weights rounded by each layer's output (AdaRound), kept if better held out
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -298,6 +299,7 @@ def quantize(model: ModelLike, calibration: CalibrationSet, options: QuantizeOpt
     run.say(f"quantizing ({name})")
     ours = _attempt(run, flt, ranges, flt.excluded, name)
     ours.seconds = time.perf_counter() - began
+    flt, ours = _learnt_rounding(run, flt, ours)
     best, comparison = _compare_ort(run, flt, ours)
     best, kept_float = _keep_float(run, flt, best, [], stall=STALL_SHARE)
     flt, best, kept_float = _precise_prelu(run, flt, best, kept_float)
@@ -452,6 +454,33 @@ def _attempt(run: _Run, flt: FloatModel, ranges: dict | None, excluded: list[str
     q = restore_interface(q, run.original)
     fidelity = split.evaluate(run.original, q, run.task)
     return Attempt(q, rec, fidelity, rows, raw, split.preview)
+
+
+def _learnt_rounding(run: _Run, flt: FloatModel, ours: Attempt) -> tuple[FloatModel, Attempt]:
+    """``adaround``: the weights rounded by each layer's output (``quantization/rounding.py``), kept only if
+    the QDQ model made from them scores better on the held-out samples than ORT's nearest rounding."""
+    if not run.options.adaround:
+        return flt, ours
+    if ours.fidelity is None:
+        run.notes.append("--adaround: no held-out samples to judge it on; weights rounded to nearest")
+        return flt, ours
+    try:
+        from .quantization.rounding import round_weights
+    except ImportError:
+        run.notes.append("--adaround needs PyTorch (pip install 'onnxprune[torch]'); weights rounded to nearest")
+        return flt, ours
+    pre, record = round_weights(flt.pre, run.split.input_name, run.split.batches,
+                                per_channel=run.options.per_channel, exclude_nodes=flt.float_nodes,
+                                progress=run.say)
+    if not record.rounded:
+        run.notes.append(record.summary())
+        return flt, ours
+    rounded = dataclasses.replace(flt, pre=pre)
+    tried = _attempt(run, rounded, ours.record.ranges or None, flt.excluded, ours.record.thresholds)
+    keep = tried.beats(ours)
+    run.notes.append(f"{record.summary()}; held out {ours.score:.5f} -> {tried.score:.5f}, "
+                     + ("kept" if keep else "not kept (nearest rounding)"))
+    return (rounded, tried) if keep else (flt, ours)
 
 
 def _compare_ort(run: _Run, flt: FloatModel, ours: Attempt) -> tuple[Attempt, CalibratorComparison | None]:
