@@ -342,6 +342,8 @@ def _add_quantize_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
     q.add_argument("--max-drop", type=float, metavar="X",
                    help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
+    q.add_argument("--max-float-layers", type=int, default=8, metavar="N",
+                   help="with --max-drop: at most N layers kept in float (default 8)")
     q.add_argument("--adaround", action="store_true",
                    help="round each Conv/Gemm weight up or down by what the layer's output needs on the calibration "
                         "data (AdaRound, label-free; needs onnxprune[torch]), placed on ONNX Runtime's int8 grid; kept "
@@ -564,6 +566,7 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
                             **({} if args.command != "quantize" else
                                dict(per_channel=not args.per_tensor, exclude=tuple(args.exclude),
                                     equalize=not args.no_equalize, max_drop=args.max_drop, adaround=args.adaround,
+                                    max_float_layers=args.max_float_layers,
                                     compare_ort=ORT_COMPARE[args.ort_compare]))) if int8 else None
     prune = None
     if args.command == "slim":

@@ -3,9 +3,9 @@ compared → verify → report.
 
 Each stage is a function handing the next a typed value: :func:`_begin` (checks, split) → :func:`_float_model`
 (:class:`FloatModel`: the graph ORT's quantizer gets, and the nodes it leaves float) → :func:`_ranges` →
-:func:`_attempt` (:class:`Attempt`: a QDQ model scored on the held-out samples) → :func:`_compare_ort`
-(:class:`CalibratorComparison`) → :func:`_keep_float` (``max_drop``) → :func:`_finish` (tiling, verification,
-:class:`QuantizeReport`).
+:func:`_attempt` (:class:`Attempt`: a QDQ model scored on the held-out samples) → :func:`_learnt_rounding`
+(``adaround``) → :func:`_compare_ort` (:class:`CalibratorComparison`) → :func:`_keep_float` and
+:func:`_precise_prelu` (``max_drop``) → :func:`_finish` (tiling, verification, :class:`QuantizeReport`).
 """
 
 from __future__ import annotations
@@ -87,6 +87,8 @@ class QuantizeOptions:
             raise ConfigError(f"--thresholds must be one of {', '.join(THRESHOLDS)}, got {self.thresholds!r}")
         if self.max_drop is not None and not 0 <= self.max_drop < 1:
             raise ConfigError(f"--max-drop must be in [0, 1), got {self.max_drop}")
+        if self.max_float_layers < 1:
+            raise ConfigError(f"--max-float-layers must be at least 1, got {self.max_float_layers}")
 
 
 @dataclass
@@ -277,8 +279,12 @@ def quantize(model: ModelLike, calibration: CalibrationSet, options: QuantizeOpt
     same samples, each made into the same QDQ model and scored on the held-out samples, and the best
     ranges are kept (:class:`CalibratorComparison` in the report); None (default) does it when the
     held-out samples can tell them apart and the model is small (:func:`_why_not_compare`).
-    With ``max_drop``, the layers that add the most error are kept in float, one at a time, until
-    the held-out fidelity drop (1 - task metric, or 1 - mean output cosine) is at most ``max_drop``.
+    With ``max_drop``, the layers that add the most error are kept in float, each alone or with the
+    layers feeding it (an island), until the held-out fidelity drop (1 - task metric, or 1 - mean
+    output cosine) is at most ``max_drop`` or ``max_float_layers`` are float; on a PReLU model whose
+    PReLUs ``auto`` made Mul+Max, the absorb form is tried when islands stop paying.
+    ``adaround`` rounds the weights by each layer's output (``quantization/rounding.py``, PyTorch),
+    kept where it lowers the held-out error.
     ``float_slow_layers`` keeps in float the layers ORT's int8 CPU kernels run slower than fp32
     (3-channel stem conv or depthwise conv with under 16 outputs: ``quantization/latency.py``).
     ``relu`` trades fidelity for speed: LeakyRelu/PRelu after int8 convs become ReLU, which ORT
@@ -301,8 +307,9 @@ def quantize(model: ModelLike, calibration: CalibrationSet, options: QuantizeOpt
     ours.seconds = time.perf_counter() - began
     flt, ours = _learnt_rounding(run, flt, ours)
     best, comparison = _compare_ort(run, flt, ours)
-    best, kept_float = _keep_float(run, flt, best, [], stall=STALL_SHARE)
+    best, kept_float = _keep_float(run, flt, best, [], stall=STALL_SHARE if _absorb_untried(flt) else None)
     flt, best, kept_float = _precise_prelu(run, flt, best, kept_float)
+    best, kept_float = _keep_float(run, flt, best, kept_float)
     _note_drop(run, best, kept_float)
     return _finish(run, flt, best, kept_float, comparison, start)
 
@@ -565,15 +572,19 @@ def _keep_float(run: _Run, flt: FloatModel, best: Attempt, kept: list[str], *,
     return best, kept
 
 
+def _absorb_untried(flt: FloatModel) -> bool:
+    """``--prelu auto`` timed the absorb rewrite and chose Mul+Max everywhere for speed."""
+    return flt.prelu.absorb_ratio is not None and not any(p == "absorb" for _, p in flt.prelu.rewritten)
+
+
 def _precise_prelu(run: _Run, flt: FloatModel, best: Attempt,
                    kept: list[str]) -> tuple[FloatModel, Attempt, list[str]]:
     """``max_drop`` missed after ``--prelu auto`` chose the Mul+Max rewrite for speed: the absorb rewrite
     tried too (ReLU fused into doubled convs, so each activation is rounded once, on its ReLU'd range, where
-    Mul+Max rounds the conv output and then the activation), with the same layers float, and kept (and
-    ``_keep_float`` resumed on it) if it scores better held out."""
-    chose_max = flt.prelu.absorb_ratio is not None and not any(p == "absorb" for _, p in flt.prelu.rewritten)
-    if run.options.max_drop is None or not chose_max or 1 - best.score <= run.options.max_drop:
-        return (flt, *_keep_float(run, flt, best, kept))
+    Mul+Max rounds the conv output and then the activation), with the same layers float (and the twins
+    absorb makes of them), and kept if it scores better held out."""
+    if run.options.max_drop is None or not _absorb_untried(flt) or 1 - best.score <= run.options.max_drop:
+        return flt, best, kept
     before = list(run.notes)
     run.say("--max-drop: trying the absorb PRelu rewrite (one rounding per activation)")
     other = _with_prelu(run, flt.unrewritten, "split", flt.relu_replaced)
@@ -585,11 +596,10 @@ def _precise_prelu(run: _Run, flt: FloatModel, best: Attempt,
     run.notes.append(f"--max-drop: PRelu as absorb {tried.score:.5f} vs Mul+Max {best.score:.5f} held out, "
                      f"{len(kept)} layer(s) float; {'absorb' if keep else 'Mul+Max'} kept")
     if not keep:
-        return (flt, *_keep_float(run, flt, best, kept))
+        return flt, best, kept
     prelu = dataclasses.replace(other.prelu, mode=flt.prelu.mode, timings_ms=flt.prelu.timings_ms,
                                 absorb_ratio=flt.prelu.absorb_ratio)
-    tried, kept = _keep_float(run, other, tried, kept + twins)
-    return dataclasses.replace(other, prelu=prelu), tried, kept
+    return dataclasses.replace(other, prelu=prelu), tried, kept + twins
 
 
 def _note_drop(run: _Run, best: Attempt, kept: list[str]) -> None:

@@ -179,6 +179,8 @@ def test_options_object_and_keywords() -> None:
         QuantizeOptions(thresholds="kl")
     with pytest.raises(ConfigError, match="--max-drop"):
         QuantizeOptions(max_drop=1.5)
+    with pytest.raises(ConfigError, match="--max-float-layers must be at least 1"):
+        QuantizeOptions(max_drop=0.01, max_float_layers=0)
     model = PATTERNS["chain"](0)
     data = CalibrationSet("x", [_x(16)])
     a = quantize(model, data, QuantizeOptions(thresholds="minmax", tile=False), progress=QUIET)
