@@ -547,6 +547,8 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
         raise ConfigError("--no-tile only applies with --int8")
     if args.prelu != "auto" and not int8:
         raise ConfigError("--prelu only applies with --int8")
+    if getattr(args, "max_float_layers", 8) != 8 and args.max_drop is None:
+        raise ConfigError("--max-float-layers only applies with --max-drop")
     from .pipeline import check_sparsity
     sparsity = getattr(args, "sparsity", 0.0)  # slim only
     check_sparsity(sparsity)  # before the calibration data is loaded

@@ -21,12 +21,13 @@ from .pattern_models import GraphBuilder  # noqa: E402
 
 
 def _net(seed: int = 0) -> onnx.ModelProto:
-    """Conv, depthwise conv, grouped conv, then Gemm with and without transB."""
+    """Conv, depthwise conv, grouped conv, asymmetrically padded conv, then Gemm with and without transB."""
     g = GraphBuilder(seed, "rounding")
     x = g.input("x", [1, 4, 10, 10])
     h = g.act(g.conv(x, 4, 16))
     h = g.act(g.conv(h, 16, 16, group=16))
     h = g.act(g.conv(h, 16, 16, k=1, group=2))
+    h = g.act(g.conv(h, 16, 16, k=2, pads=[0, 0, 1, 1]))  # asymmetric padding
     h = g.op("Flatten", g.gap(h))
     h = g.act(g.gemm(h, 16, 12))
     w = g.const(g.randn([12, 5], 1 / np.sqrt(12)), "W")
@@ -73,6 +74,7 @@ def test_learnt_rounding_differs_from_nearest_and_is_deterministic() -> None:
     b, _ = round_weights(model, "x", batches)
     assert a.SerializeToString() == b.SerializeToString()
     assert record.error_learnt < record.error_nearest
+    assert not [why for _, why in record.left if "not handled" in why]  # every layer form is fitted
     assert {n for n, _ in record.left} | set(record.rounded) == {n.name for n in model.graph.node
                                                                 if n.op_type in ("Conv", "Gemm")}
     before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -118,3 +120,34 @@ def test_quantize_adaround_is_judged_held_out_and_valid() -> None:
     assert (score(learnt) > score(plain)) == kept and (score(learnt) == score(plain)) == (not kept)
     onnx.checker.check_model(learnt.model)
     assert run(learnt.model, {"x": x[:1]})[0].shape == run(model, {"x": x[:1]})[0].shape
+
+
+def test_layers_are_fitted_on_the_function_onnx_runtime_computes() -> None:
+    """The torch form of each Conv/Gemm (padding, groups, transB) reproduces ORT's output of that node."""
+    from onnxprune.quantization.rounding import _inputs, _Layer
+    model, batches = _net(3), _batches(6, seed=3)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in (n for n in model.graph.node if n.op_type in ("Conv", "Gemm")):
+        x = _inputs(model, node.input[0], "x", batches)
+        want = _inputs(model, node.output[0], "x", batches)
+        layer = _Layer.make(node, weights[node.input[1]], weights[node.input[2]])
+        got = layer(torch.from_numpy(x), torch.from_numpy(np.array(weights[node.input[1]]))).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=node.name)
+
+
+def test_cli_adaround_and_max_float_layers(tmp_path, capsys) -> None:
+    import json
+    from onnxprune.cli import main
+    path, npy, report = tmp_path / "m.onnx", tmp_path / "c.npy", tmp_path / "r.json"
+    onnx.save(_net(4), str(path))
+    np.save(npy, _batches(32, seed=4)[0])
+    assert main(["quantize", str(path), "--calib", str(npy), "--max-float-layers", "2", "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["onnxprune: error: --max-float-layers only applies with --max-drop"]
+    assert not (tmp_path / "m.int8.onnx").exists()
+    assert main(["quantize", str(path), "--calib", str(npy), "--adaround", "--max-drop", "0", "--max-float-layers", "1",
+                 "--task", "outputs", "--no-tile", "-q", "--json", str(report)]) == 0
+    notes = json.loads(report.read_text())["notes"]
+    assert any("AdaRound" in n for n in notes)
+    assert any(n.startswith("--max-drop 0.0: ") and "1 layer(s) kept in float" in n for n in notes), notes
+    onnx.checker.check_model(onnx.load(str(tmp_path / "m.int8.onnx")))

@@ -196,7 +196,7 @@ def _fit(layer: _Layer, x, target, s, floor, frac, steps: int, seed: int) -> np.
 
 @dataclass(frozen=True)
 class _Layer:
-    """A Conv (2-D) or Gemm as a torch function of its input and weight (bias fixed)."""
+    """A Conv (2-D, explicit or VALID padding) or Gemm as a torch function of its input and weight (bias fixed)."""
 
     op: str
     attrs: dict
@@ -210,15 +210,17 @@ class _Layer:
             if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
                 return None
             return cls("Gemm", {"transB": a.get("transB", 0)}, b)
-        if w.ndim != 4 or a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            return None
-        pads = list(a.get("pads", [0, 0, 0, 0]))
-        if pads[:2] != pads[2:]:
-            return None
-        return cls("Conv", {"stride": tuple(a.get("strides", (1, 1))), "padding": tuple(pads[:2]),
-                            "dilation": tuple(a.get("dilations", (1, 1))), "groups": a.get("group", 1)}, b)
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if w.ndim != 4 or auto not in ("NOTSET", "VALID"):
+            return None  # SAME_* padding depends on the input size: left at nearest
+        top, left, bottom, right = a.get("pads", [0, 0, 0, 0]) if auto == "NOTSET" else [0, 0, 0, 0]
+        return cls("Conv", {"stride": tuple(a.get("strides", (1, 1))), "dilation": tuple(a.get("dilations", (1, 1))),
+                            "groups": a.get("group", 1), "pad": (left, right, top, bottom)}, b)
 
     def __call__(self, x, w):
         if self.op == "Gemm":
             return F.linear(x, w if self.attrs["transB"] else w.T, self.bias)
-        return F.conv2d(x, w, self.bias, **self.attrs)
+        attrs = dict(self.attrs)
+        pad = attrs.pop("pad")
+        return F.conv2d(F.pad(x, pad) if any(pad) else x, w, self.bias, **attrs)
