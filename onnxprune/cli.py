@@ -539,16 +539,18 @@ def _check_speed_flags(args: argparse.Namespace) -> None:
                 raise ConfigError(f"{flag} only applies with --speedup")
 
 
-def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsoleProgress):
-    int8 = args.command == "quantize" or args.int8
-    if args.relu and not int8:
-        raise ConfigError("--relu only applies with --int8")
-    if args.no_tile and not int8:
-        raise ConfigError("--no-tile only applies with --int8")
-    if args.prelu != "auto" and not int8:
-        raise ConfigError("--prelu only applies with --int8")
+def _check_int8_flags(args: argparse.Namespace, int8: bool) -> None:
+    """Flags that only mean something with int8 (or with --max-drop), refused before any work."""
+    for flag, given in (("--relu", args.relu), ("--no-tile", args.no_tile), ("--prelu", args.prelu != "auto")):
+        if given and not int8:
+            raise ConfigError(f"{flag} only applies with --int8")
     if getattr(args, "max_float_layers", 8) != 8 and args.max_drop is None:
         raise ConfigError("--max-float-layers only applies with --max-drop")
+
+
+def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsoleProgress):
+    int8 = args.command == "quantize" or args.int8
+    _check_int8_flags(args, int8)
     from .pipeline import check_sparsity
     sparsity = getattr(args, "sparsity", 0.0)  # slim only
     check_sparsity(sparsity)  # before the calibration data is loaded
