@@ -133,6 +133,8 @@ RELU_HELP = ("make LeakyRelu/PRelu after int8 convs ReLU, which ORT fuses into t
 PRELU_HELP = ("PReLU layers rewritten exactly into ops ONNX Runtime runs fast in an int8 model (it has no int8 PRelu, "
               "and its float one is slow): auto (default) times the two rewrites on the model and keeps the faster, "
               "split rewrites every one, keep none")
+MAX_DROP_HELP = ("keep the layers that add the most int8 error in float (each alone or with the layers feeding it), "
+                 "and on PReLU models try the more precise PReLU form, until the held-out fidelity drop is at most X")
 ORT_COMPARE = {"auto": None, "on": True, "off": False}  # quantize --ort-compare -> QuantizeOptions.compare_ort
 TILE_HELP = ("do not run the full-resolution first layers in cache-sized strips of rows (on by default where it "
              "applies; same outputs, faster on detector stems)")
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relu", action="store_true", help="with --int8: " + RELU_HELP)
     p.add_argument("--no-tile", action="store_true", help="with --int8: " + TILE_HELP)
     p.add_argument("--prelu", choices=PRELU_MODES, default="auto", help="with --int8: " + PRELU_HELP)
+    p.add_argument("--max-drop", type=float, metavar="X",
+                   help="with --int8: " + MAX_DROP_HELP + " (the int8 model against the pruned one)")
 
     _add_quantize_parser(sub, [common, calib])
 
@@ -340,8 +344,7 @@ def _add_quantize_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--relu", action="store_true", help=RELU_HELP)
     q.add_argument("--no-tile", action="store_true", help=TILE_HELP)
     q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
-    q.add_argument("--max-drop", type=float, metavar="X",
-                   help="keep the most harmful layers in float until the held-out fidelity drop is at most X")
+    q.add_argument("--max-drop", type=float, metavar="X", help=MAX_DROP_HELP)
     q.add_argument("--max-float-layers", type=int, default=8, metavar="N",
                    help="with --max-drop: at most N layers kept in float (default 8)")
     q.add_argument("--adaround", action="store_true",
@@ -541,7 +544,8 @@ def _check_speed_flags(args: argparse.Namespace) -> None:
 
 def _check_int8_flags(args: argparse.Namespace, int8: bool) -> None:
     """Flags that only mean something with int8 (or with --max-drop), refused before any work."""
-    for flag, given in (("--relu", args.relu), ("--no-tile", args.no_tile), ("--prelu", args.prelu != "auto")):
+    for flag, given in (("--relu", args.relu), ("--no-tile", args.no_tile), ("--prelu", args.prelu != "auto"),
+                        ("--max-drop", args.max_drop is not None)):
         if given and not int8:
             raise ConfigError(f"{flag} only applies with --int8")
     if getattr(args, "max_float_layers", 8) != 8 and args.max_drop is None:
@@ -567,9 +571,10 @@ def _slim_or_quantize(args: argparse.Namespace, model: str, progress: ConsolePro
     if getattr(args, "save_plan", None):
         check_writable(args.save_plan)
     quant = QuantizeOptions(thresholds=args.thresholds, relu=args.relu, tile=not args.no_tile, prelu=args.prelu,
+                            max_drop=args.max_drop,
                             **({} if args.command != "quantize" else
                                dict(per_channel=not args.per_tensor, exclude=tuple(args.exclude),
-                                    equalize=not args.no_equalize, max_drop=args.max_drop, adaround=args.adaround,
+                                    equalize=not args.no_equalize, adaround=args.adaround,
                                     max_float_layers=args.max_float_layers,
                                     compare_ort=ORT_COMPARE[args.ort_compare]))) if int8 else None
     prune = None

@@ -91,9 +91,10 @@ def test_cli_quantize_and_slim_int8(tmp_path: Path) -> None:
     int8_convs = {n.name for n in model.graph.node if n.op_type == "Conv"} - set(report["excluded"])
     assert int8_convs and int8_convs <= {r["node"] for r in rows if r["op_type"].startswith("Conv")}
     assert main(["slim", str(path), "--ratio", "0.25", "--round-to", "1", "--int8", "--calib", str(npy), "-q",
-                 "--json", str(tmp_path / "s.json")]) == 0
+                 "--max-drop", "0", "--task", "outputs", "--json", str(tmp_path / "s.json")]) == 0
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["kind"] == "slim+int8" and abs(report["slim"]["achieved_ratio"] - 0.25) <= 0.01
+    assert any(n.startswith("--max-drop 0.0: drop") for n in report["quantize"]["notes"])  # slim --int8 passes it on
     jsonschema.validate(report, json.loads((Path(onnxprune.__file__).parent / "schemas" / "report.schema.json")
                                            .read_text()))
     final = onnx.load(str(tmp_path / "m.slim.int8.onnx"))
