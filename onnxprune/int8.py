@@ -41,7 +41,7 @@ from .quantization.calibrators import ORT_CALIBRATORS, ActivationStats, make_cal
 from .quantization.qdq import QuantizeRecord, check_float32, decode_tail
 from .quantization.latency import slow_int8_layers
 from .quantization.prelu import PreluChoice, check_prelu_mode, rewrite_prelu
-from .quantization.islands import feeding_layers
+from .quantization.islands import islands
 from .quantization.layer_error import WEIGHTED_OPS, LayerError, layer_errors, worst_layers
 from .quantization import (THRESHOLDS, check_not_quantized, int8_kernels, is_int8_kernel, pre_process, quantize_qdq,
                            to_opset13)
@@ -549,17 +549,19 @@ def _why_not_compare(run: _Run, flt: FloatModel, ours: Attempt) -> str | None:
 def _keep_float(run: _Run, flt: FloatModel, best: Attempt, kept: list[str], *,
                 stall: float | None = None) -> tuple[Attempt, list[str]]:
     """``max_drop``: the most harmful layers kept float (beyond ``kept``), one island at a time, until the
-    held-out drop is small enough. Each step tries the layer alone and with the layers feeding it
-    (``quantization/islands.py``) and keeps the better-scoring of the two (on a tie, the smaller).
+    held-out drop is small enough. Each step tries the layer alone, with the layers feeding it, and with
+    those feeding them (``quantization/islands.py``), and keeps the best-scoring (on a tie, the smallest).
     ``stall``: stop, without taking it, at a step that closes less than this share of the gap to ``max_drop``."""
     max_drop, kept = run.options.max_drop, list(kept)
     while max_drop is not None and 1 - best.score > max_drop and len(kept) < run.options.max_float_layers:
         worst = most_harmful_layer(flt.pre, best.rows, skip=flt.excluded + kept)
         if worst is None:
             break
-        feeding = [n for n in feeding_layers(flt.pre, worst) if n not in flt.excluded + kept]
+        candidates = [[n for n in island if n not in flt.excluded + kept] for island in islands(flt.pre, worst)]
+        fits = [c for i, c in enumerate(candidates) if c not in candidates[:i]
+                and len(kept) + len(c) <= run.options.max_float_layers]
         step = None
-        for island in ([worst], [worst, *feeding]) if feeding else ([worst],):
+        for island in fits:
             run.say(f"keeping {', '.join(island)} in float ({len(kept) + len(island)})")
             tried = _attempt(run, flt, best.record.ranges or None, flt.excluded + kept + island,
                              best.record.thresholds)

@@ -216,7 +216,7 @@ def test_layers_slow_in_int8_stay_float() -> None:
 
 def test_feeding_layers_walk_back_through_activations_and_stop_at_joins() -> None:
     """The island of a layer: the weighted layers whose output reaches it through activations only."""
-    from onnxprune.quantization.islands import feeding_layers
+    from onnxprune.quantization.islands import feeding_layers, islands
     h, rng = onnx.helper, np.random.default_rng(0)
     w = lambda n, *s: onnx.numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)  # noqa: E731
     nodes = [h.make_node("Conv", ["x", "w0"], ["a"], name="stem"),
@@ -233,3 +233,5 @@ def test_feeding_layers_walk_back_through_activations_and_stop_at_joins() -> Non
     assert feeding_layers(model, "pw") == ["stem"]
     assert feeding_layers(model, "head") == []  # an Add joins two streams: no island through it
     assert feeding_layers(model, "stem") == [] and feeding_layers(model, "nope") == []
+    assert islands(model, "dw") == [["dw"], ["dw", "pw"], ["dw", "pw", "stem"]]  # two levels back
+    assert islands(model, "dw", depth=1) == [["dw"], ["dw", "pw"]] and islands(model, "head") == [["head"]]

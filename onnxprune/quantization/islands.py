@@ -42,3 +42,16 @@ def feeding_layers(model: onnx.ModelProto, node_name: str) -> list[str]:
         elif src.op_type in PASS_THROUGH:
             todo += [i for i in src.input if i and i not in weights]
     return sorted(set(found))
+
+
+def islands(model: onnx.ModelProto, node_name: str, depth: int = 2) -> list[list[str]]:
+    """Growing float islands around ``node_name``: itself, then with the layers feeding it, then with the
+    layers feeding those, up to ``depth`` levels (fewer where the walk stops)."""
+    found, members, frontier = [[node_name]], [node_name], [node_name]
+    for _ in range(depth):
+        frontier = sorted({f for n in frontier for f in feeding_layers(model, n)} - set(members))
+        if not frontier:
+            break
+        members = members + frontier
+        found.append(list(members))
+    return found
