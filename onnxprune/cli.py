@@ -345,8 +345,8 @@ def _add_quantize_parser(sub, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--no-tile", action="store_true", help=TILE_HELP)
     q.add_argument("--prelu", choices=PRELU_MODES, default="auto", help=PRELU_HELP)
     q.add_argument("--max-drop", type=float, metavar="X", help=MAX_DROP_HELP)
-    q.add_argument("--max-float-layers", type=int, default=8, metavar="N",
-                   help="with --max-drop: at most N layers kept in float (default 8)")
+    q.add_argument("--max-float-layers", type=int, default=QuantizeOptions.max_float_layers, metavar="N",
+                   help="with --max-drop: at most N layers kept in float (default %(default)s)")
     q.add_argument("--adaround", action="store_true",
                    help="round each Conv/Gemm weight up or down by what the layer's output needs on the calibration "
                         "data (AdaRound, label-free; needs onnxprune[torch]), placed on ONNX Runtime's int8 grid; kept "
@@ -548,7 +548,8 @@ def _check_int8_flags(args: argparse.Namespace, int8: bool) -> None:
                         ("--max-drop", args.max_drop is not None)):
         if given and not int8:
             raise ConfigError(f"{flag} only applies with --int8")
-    if getattr(args, "max_float_layers", 8) != 8 and args.max_drop is None:
+    default = QuantizeOptions.max_float_layers
+    if getattr(args, "max_float_layers", default) != default and args.max_drop is None:
         raise ConfigError("--max-float-layers only applies with --max-drop")
 
 

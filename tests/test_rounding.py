@@ -126,12 +126,12 @@ def test_layers_are_fitted_on_the_function_onnx_runtime_computes() -> None:
     """The torch form of each Conv/Gemm (padding, groups, transB) reproduces ORT's output of that node."""
     from onnxprune.quantization.rounding import _inputs, _Layer
     model, batches = _net(3), _batches(6, seed=3)
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = {t.name: t for t in model.graph.initializer}
     for node in (n for n in model.graph.node if n.op_type in ("Conv", "Gemm")):
         x = _inputs(model, node.input[0], "x", batches)
         want = _inputs(model, node.output[0], "x", batches)
-        layer = _Layer.make(node, weights[node.input[1]], weights[node.input[2]])
-        got = layer(torch.from_numpy(x), torch.from_numpy(np.array(weights[node.input[1]]))).numpy()
+        layer = _Layer.make(node, weights)
+        got = layer(torch.from_numpy(x), torch.from_numpy(numpy_helper.to_array(weights[node.input[1]]).copy())).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=node.name)
 
 
@@ -151,3 +151,15 @@ def test_cli_adaround_and_max_float_layers(tmp_path, capsys) -> None:
     assert any("AdaRound" in n for n in notes)
     assert any(n.startswith("--max-drop 0.0: ") and "1 layer(s) kept in float" in n for n in notes), notes
     onnx.checker.check_model(onnx.load(str(tmp_path / "m.int8.onnx")))
+
+
+def test_a_layer_whose_bias_is_computed_is_left_at_nearest() -> None:
+    """A bias made by another node is not a function of the weight alone: the layer is not fitted."""
+    model = _net(5)
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    model.graph.node.insert(0, onnx.helper.make_node("Identity", [conv.input[2]], ["computed_bias"], name="copy"))
+    conv.input[2] = "computed_bias"
+    rounded, record = round_weights(model, "x", _batches(seed=5))
+    assert dict(record.left)[conv.name] == "layer form not handled (attributes)"
+    before = next(t for t in model.graph.initializer if t.name == conv.input[1])
+    assert next(t for t in rounded.graph.initializer if t.name == conv.input[1]) == before

@@ -24,34 +24,45 @@ PASS_THROUGH = ("Relu", "Clip", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", 
 def feeding_layers(model: onnx.ModelProto, node_name: str) -> list[str]:
     """The weighted layers (Conv/Gemm/MatMul) whose output reaches ``node_name``'s data input through
     pass-through ops only (activations, the PRelu rewrites' Mul/Max, reshapes, pooling)."""
-    producer = {o: n for n in model.graph.node for o in n.output}
-    weights = {t.name for t in model.graph.initializer}
-    node = next((n for n in model.graph.node if n.name == node_name), None)
-    if node is None or not node.input:
-        return []
-    found: list[str] = []
-    todo, seen = [node.input[0]], set()
-    while todo:
-        tensor = todo.pop()
-        src = producer.get(tensor)
-        if src is None or tensor in seen or tensor in weights:
-            continue
-        seen.add(tensor)
-        if src.op_type in WEIGHTED_OPS:
-            found.append(src.name)
-        elif src.op_type in PASS_THROUGH:
-            todo += [i for i in src.input if i and i not in weights]
-    return sorted(set(found))
+    return _Walk(model).feeding(node_name)
 
 
 def islands(model: onnx.ModelProto, node_name: str, depth: int = 2) -> list[list[str]]:
     """Growing float islands around ``node_name``: itself, then with the layers feeding it, then with the
     layers feeding those, up to ``depth`` levels (fewer where the walk stops)."""
+    walk = _Walk(model)
     found, members, frontier = [[node_name]], [node_name], [node_name]
     for _ in range(depth):
-        frontier = sorted({f for n in frontier for f in feeding_layers(model, n)} - set(members))
+        frontier = sorted({f for n in frontier for f in walk.feeding(n)} - set(members))
         if not frontier:
             break
         members = members + frontier
         found.append(list(members))
     return found
+
+
+class _Walk:
+    """The graph's producers, weights and nodes by name, read once for several walks."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.weights = {t.name for t in model.graph.initializer}
+        self.nodes = {n.name: n for n in model.graph.node if n.name}
+
+    def feeding(self, node_name: str) -> list[str]:
+        node = self.nodes.get(node_name)
+        if node is None or not node.input:
+            return []
+        found: set[str] = set()
+        todo, seen = [node.input[0]], set()
+        while todo:
+            tensor = todo.pop()
+            src = self.producer.get(tensor)
+            if src is None or tensor in seen or tensor in self.weights:
+                continue
+            seen.add(tensor)
+            if src.op_type in WEIGHTED_OPS:
+                found.add(src.name)
+            elif src.op_type in PASS_THROUGH:
+                todo += [i for i in src.input if i and i not in self.weights]
+        return sorted(found)

@@ -109,15 +109,20 @@ def round_weights(model: onnx.ModelProto, input_name: str, batches: Sequence[np.
               and len(n.input) > 1 and n.input[1] in weights and readers[n.input[1]] == 1
               and weights[n.input[1]].data_type == onnx.TensorProto.FLOAT]
     rounded, left, before, after = [], [], [], []
+    samples = sum(len(b) for b in batches)
     for k, node in enumerate(layers):
         say("learning weight rounding (AdaRound)", k + 1, len(layers))
-        x = _inputs(out, node.input[0], input_name, batches)  # after the layers before it were rounded
-        target = _inputs(model, node.output[0], input_name, batches)  # the float model's
-        result = _round_layer(node, weights, x, target, per_channel, steps, seed)
-        if isinstance(result, str):
-            left.append((node.name, result))
+        layer = _Layer.make(node, weights)
+        why = "layer form not handled (attributes)" if layer is None else (
+            "fewer than 5 calibration samples" if samples < 5 else "")
+        if not why:  # only then are its activations read (two runs of the model)
+            x = _inputs(out, node.input[0], input_name, batches)  # after the layers before it were rounded
+            target = _inputs(model, node.output[0], input_name, batches)  # the float model's
+            why = _round_layer(node, layer, weights, x, target, per_channel, steps, seed)
+        if isinstance(why, str):
+            left.append((node.name, why))
             continue
-        placed, err_nearest, err_learnt = result
+        placed, err_nearest, err_learnt = why
         weights[node.input[1]].CopyFrom(numpy_helper.from_array(placed, node.input[1]))
         rounded.append(node.name)
         before.append(err_nearest)
@@ -128,7 +133,7 @@ def round_weights(model: onnx.ModelProto, input_name: str, batches: Sequence[np.
 
 
 def _inputs(model: onnx.ModelProto, name: str, input_name: str, batches: Sequence[np.ndarray]) -> np.ndarray:
-    """The float model's values of tensor ``name`` on every calibration sample."""
+    """``model``'s values of tensor ``name`` on every calibration sample."""
     if name == input_name:
         return np.concatenate([np.asarray(b, np.float32) for b in batches])
     got: list[np.ndarray] = []
@@ -136,17 +141,11 @@ def _inputs(model: onnx.ModelProto, name: str, input_name: str, batches: Sequenc
     return np.concatenate(got)
 
 
-def _round_layer(node: onnx.NodeProto, weights: dict, x: np.ndarray, target: np.ndarray, per_channel: bool,
-                 steps: int, seed: int) -> tuple[np.ndarray, float, float] | str:
+def _round_layer(node: onnx.NodeProto, layer: _Layer, weights: dict, x: np.ndarray, target: np.ndarray,
+                 per_channel: bool, steps: int, seed: int) -> tuple[np.ndarray, float, float] | str:
     """(weights on ORT's grid, held-out error nearest, learnt) for one layer, or why it stays at nearest."""
     w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-    bias = numpy_helper.to_array(weights[node.input[2]]) if len(node.input) > 2 and node.input[2] in weights else None
     axis = weight_axis(node)
-    layer = _Layer.make(node, w, bias)
-    if layer is None:
-        return "layer form not handled (attributes)"
-    if len(x) < 5:
-        return "fewer than 5 calibration samples"
     s = ort_scales(w, axis, per_channel)
     scaled = w / s
     floor = np.floor(scaled)
@@ -203,16 +202,21 @@ class _Layer:
     bias: object
 
     @classmethod
-    def make(cls, node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None) -> _Layer | None:
+    def make(cls, node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> _Layer | None:
+        """``node`` (weight and bias read from ``weights``), or None for a form not handled here."""
         a = {x.name: onnx.helper.get_attribute_value(x) for x in node.attribute}
-        b = torch.from_numpy(np.array(bias, np.float32)) if bias is not None else None
+        bias = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if len(node.input) > 2 and node.input[2] and bias is None:
+            return None  # a computed bias: not a function of the weight alone
+        b = torch.from_numpy(numpy_helper.to_array(bias).astype(np.float32)) if bias is not None else None
+        w_rank = len(weights[node.input[1]].dims)
         if node.op_type == "Gemm":
             if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
                 return None
             return cls("Gemm", {"transB": a.get("transB", 0)}, b)
         auto = a.get("auto_pad", b"NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
-        if w.ndim != 4 or auto not in ("NOTSET", "VALID"):
+        if w_rank != 4 or auto not in ("NOTSET", "VALID"):
             return None  # SAME_* padding depends on the input size: left at nearest
         top, left, bottom, right = a.get("pads", [0, 0, 0, 0]) if auto == "NOTSET" else [0, 0, 0, 0]
         return cls("Conv", {"stride": tuple(a.get("strides", (1, 1))), "dilation": tuple(a.get("dilations", (1, 1))),
