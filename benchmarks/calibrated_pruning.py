@@ -11,7 +11,7 @@ on held-out images that were not used for calibration:
 - MobileFaceNet (trained, ../shared/models): mean embedding cosine on held-out aligned crops;
 - age-v1 (real): top-1 agreement on held-out aligned crops.
 
-    python benchmarks/calibrated_pruning.py [--quick] [--models retinaface,mobilefacenet,age]
+    python benchmarks/calibrated_pruning.py [--quick] [--refit-rows] [--models retinaface,mobilefacenet,age]
 """
 
 from __future__ import annotations
@@ -66,11 +66,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two configurations, two ratios")
     ap.add_argument("--models", default="retinaface,mobilefacenet,age")
+    ap.add_argument("--refit-rows", action="store_true", help="only the configurations with the refit, no distillation")
     args = ap.parse_args()
     if not (SHARED / "data").is_dir():
         print("../shared/data is not available: this benchmark needs real photos")
         return 1
     configs = QUICK if args.quick else CONFIGS
+    if args.refit_rows:
+        configs = [c for c in configs if c[2] and not c[3]]
     ratios = (0.3, 0.5) if args.quick else (0.3, 0.5, 0.69)
     for name, model, data, holdout, metric in _models(set(args.models.split(","))):
         print(f"\n== {name}: {len(data)} calibration samples, {holdout:.0%} held out; quality = {metric} vs the original")

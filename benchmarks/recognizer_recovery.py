@@ -14,7 +14,7 @@ absorb PRelu rewrite, until the held-out drop is at most 0.01), with trained thr
 `slim --ratio 0.5 --finetune-steps N --int8`, alone and with `--max-drop 0.01`.
 Speed: ORT CPU, 1 thread, median of interleaved rounds against the fp32 original.
 
-    python benchmarks/recognizer_recovery.py [--folds 0,1] [--steps 300] [--ratios 0.3,0.5] [--no-int8]
+    python benchmarks/recognizer_recovery.py [--folds 0,1] [--steps 300] [--ratios 0.3,0.5] [--no-int8] [--only TEXT]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def main() -> int:
     ap.add_argument("--ratios", default="0.3,0.5")
     ap.add_argument("--no-int8", action="store_true")
     ap.add_argument("--rounds", type=int, default=40, help="interleaved timing rounds")
+    ap.add_argument("--only", default="", help="only the configurations whose label contains this text")
     args = ap.parse_args()
     path = SHARED / "models" / "mobilefacenet_paddle.onnx"
     if not path.exists():
@@ -88,6 +89,8 @@ def main() -> int:
     print(f"MobileFaceNet (Paddle, trained), {len(x)} crops; folds {folds} of {FOLD} held-out crops each")
     print("| configuration | cosine mean | cosine min | speed-up vs fp32 | seconds per fold |\n|---|---|---|---|---|")
     for label, prune, quant in _rows(ratios, args.steps, not args.no_int8):
+        if args.only not in label:
+            continue
         cos, speed, seconds = [], [], []
         for fold in folds:
             held = order[fold * FOLD:(fold + 1) * FOLD]

@@ -186,7 +186,8 @@ def apply_plan(model: ModelLike, plan: Plan, *, calibration: CalibrationSet | No
     refitted, fidelity = 0, None
     if split is not None:
         say("refitting layers on calibration data")
-        pruned, rec = reconstruct(prep.model, pruned, analysis, removed, split.input_name, split.batches)
+        pruned, rec = reconstruct(prep.model, pruned, analysis, removed, split.input_name, split.batches,
+                                  downstream=True)
         refitted = len(rec.layers)
     proto = restore_interface(ir.to_proto(pruned), prep.skeleton)
     say("verifying the output model")

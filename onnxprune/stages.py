@@ -114,10 +114,10 @@ def run_stage(ctx: StageContext, model: ir.Model, analysis: ChannelAnalysis, bud
         ctx.say("refitting layers on calibration data")
         if keep_before is None:  # the first stage: exactly the one-shot refit
             stage.model, rec = reconstruct(model, pruned, analysis, alloc.removed, ctx.calib.input_name,
-                                           ctx.calib.batches)
+                                           ctx.calib.batches, downstream=True)
         else:
             stage.model, rec = reconstruct(ctx.reference, pruned, None, set(), ctx.calib.input_name,
-                                           ctx.calib.batches, keep_out=keep)
+                                           ctx.calib.batches, keep_out=keep, downstream=True)
         stage.refits = rec.layers
     return stage
 

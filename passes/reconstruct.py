@@ -66,14 +66,18 @@ class Reconstruct(CheckedPass, ir.passes.FunctionalPass):
     ``original``'s without losing channels (e.g. a LeakyReLU replaced by ReLU): the first weighted
     layers reading them are refitted too. Without ``analysis`` (nothing removed), output channels map
     one to one, unless ``keep_out`` says, per layer, which of the original's outputs the pruned model
-    still has (several removals apart). The pruned model is not modified.
+    still has (several removals apart). ``downstream``: also refit every later dense layer whose input
+    differs from the original's, though it lost no channel (the detection and embedding heads after a
+    pruned backbone), each against the original's output. The pruned model is not modified.
     """
 
     def __init__(self, original: ir.Model, analysis: ChannelAnalysis | None, removed: set[int], input_name: str,
                  batches: Iterable[np.ndarray], *, changed: Collection[str] = (), ridge: float = 1e-3,
                  rows_per_image: int = 256, seed: int = 0, min_rows_per_unknown: float = 4.0,
-                 keep_out: Mapping[str, np.ndarray] | None = None, check: bool | None = None) -> None:
+                 keep_out: Mapping[str, np.ndarray] | None = None, downstream: bool = False,
+                 check: bool | None = None) -> None:
         super().__init__(check=check)
+        self.downstream = downstream
         self.original, self.analysis, self.removed = original, analysis, removed
         self.input_name, self.batches = input_name, batches
         self.changed, self.keep_out = changed, keep_out
@@ -85,8 +89,8 @@ class Reconstruct(CheckedPass, ir.passes.FunctionalPass):
         original, input_name = self.original, self.input_name
         pruned = model.clone()  # tensors shared: refits replace them, never edit them
         record = ReconstructRecord()
-        targets = _targets(original, pruned, self.analysis, self.removed, record, _reached(pruned, self.changed),
-                           self.keep_out or {})
+        reads = _drifted(original, pruned, self.changed) if self.downstream else _reached(pruned, self.changed)
+        targets = _targets(original, pruned, self.analysis, self.removed, record, reads, self.keep_out or {})
         if not targets:
             return ReconstructResult(pruned, False, record)
         feeds = pieces(original, list(self.batches), input_name)
@@ -105,12 +109,12 @@ class Reconstruct(CheckedPass, ir.passes.FunctionalPass):
 def reconstruct(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
                 input_name: str, batches: Iterable[np.ndarray], *, changed: Collection[str] = (),
                 ridge: float = 1e-3, rows_per_image: int = 256, seed: int = 0,
-                min_rows_per_unknown: float = 4.0, keep_out: Mapping[str, np.ndarray] | None = None
-                ) -> tuple[ir.Model, ReconstructRecord]:
+                min_rows_per_unknown: float = 4.0, keep_out: Mapping[str, np.ndarray] | None = None,
+                downstream: bool = False) -> tuple[ir.Model, ReconstructRecord]:
     """Return a copy of ``pruned`` whose consumers of removed channels are refitted (:class:`Reconstruct`)."""
     result = Reconstruct(original, analysis, removed, input_name, batches, changed=changed, ridge=ridge,
                          rows_per_image=rows_per_image, seed=seed, min_rows_per_unknown=min_rows_per_unknown,
-                         keep_out=keep_out)(pruned)
+                         keep_out=keep_out, downstream=downstream)(pruned)
     return result.model, result.record
 
 
@@ -172,6 +176,26 @@ def _reached(model: ir.Model, changed: Collection[str]) -> set[str]:
         if any(v is not None and v.name in reached for v in node.inputs):
             reached.update(o.name for o in node.outputs)
     return reached
+
+
+def _drifted(original: ir.Model, pruned: ir.Model, changed: Collection[str]) -> set[str]:
+    """Every value of ``pruned`` that may differ from ``original``'s: ``changed``, and everything
+    computed from them or by a node that lost channels (a weight of another shape) or is new."""
+    before = {n.name: n for n in original.graph}
+    drifted = set(changed)
+    for node in pruned.graph:  # topological order
+        if (node.name not in before or _reshaped(node, before[node.name])
+                or any(v is not None and v.name in drifted for v in node.inputs)):
+            drifted.update(o.name for o in node.outputs)
+    return drifted
+
+
+def _reshaped(node: ir.Node, before: ir.Node) -> bool:
+    """Whether ``node`` has other inputs than ``before``, or a constant input of another shape."""
+    if len(node.inputs) != len(before.inputs):
+        return True
+    return any(a is not None and b is not None and a.const_value is not None and b.const_value is not None
+               and tuple(a.const_value.shape) != tuple(b.const_value.shape) for a, b in zip(node.inputs, before.inputs))
 
 
 def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
