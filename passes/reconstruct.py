@@ -199,7 +199,8 @@ def _reshaped(node: ir.Node, before: ir.Node) -> bool:
 
 
 def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | None, removed: set[int],
-             record: ReconstructRecord, changed: set[str], keep_out: Mapping[str, np.ndarray]) -> list[_Target]:
+             record: ReconstructRecord, reads: set[str], keep_out: Mapping[str, np.ndarray]) -> list[_Target]:
+    """The layers to refit: those that lost input channels, and those whose input is in ``reads``."""
     removed_arr = np.array(sorted(removed), dtype=np.int64)
     orig_nodes = {n.name: n for n in original.graph}
     out_slots = {s.node: s for s in analysis.slots if s.role == "out"} if analysis is not None else {}
@@ -211,7 +212,7 @@ def _targets(original: ir.Model, pruned: ir.Model, analysis: ChannelAnalysis | N
         if w is None or w.const_value is None or w0 is None or w0.const_value is None:
             continue
         in_axis = {"Conv": 1, "MatMul": 0}.get(node.op_type, 1 if node.attributes.get_int("transB", 0) else 0)
-        if w.const_value.shape[in_axis] == w0.const_value.shape[in_axis] and node.inputs[0].name not in changed:
+        if w.const_value.shape[in_axis] == w0.const_value.shape[in_axis] and node.inputs[0].name not in reads:
             continue  # this layer lost no input channel and reads what it read before
         if node.op_type == "Conv" and node.attributes.get_int("group", 1) != 1:
             record.skipped.append(f"{node.name}: grouped")
